@@ -1,0 +1,206 @@
+//! A development certificate authority for standalone ztunnels with no control plane.
+//!
+//! It signs CSRs exactly as the mesh CA does (CSR in, PEM chain out), so the certificate manager
+//! cannot tell the difference. Its root key sits in a local directory: fine for trying the mesh
+//! on one machine, not for production.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::certs::{CertSource, SignFuture};
+use crate::identity::SpiffeId;
+use crate::tls::TrustRoots;
+
+const ROOT_CERT_FILE: &str = "root-cert.pem";
+const ROOT_KEY_FILE: &str = "root-key.pem";
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates are back-dated a little so small clock differences between nodes do not matter.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevCaError {
+    #[error("reading development CA from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing development CA to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("development CA in {path} is unusable: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("CSR rejected: {0}")]
+    Csr(String),
+    #[error("signing failed: {0}")]
+    Sign(#[from] rcgen::Error),
+}
+
+/// A development CA: one self-signed root that signs workload certificates.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    roots: TrustRoots,
+}
+
+impl DevCa {
+    /// A fresh CA held only in memory (tests).
+    pub fn generate() -> Result<Self, DevCaError> {
+        let key = KeyPair::generate()?;
+        let params = root_params()?;
+        let cert = params.self_signed(&key)?;
+        Self::from_parts(cert.pem(), key, Path::new("<memory>"))
+    }
+
+    /// Loads the CA from `dir`, creating it first if the directory does not exist. Creation is
+    /// atomic, so ztunnels started together on one machine all end up with the same root.
+    pub fn load_or_create(dir: &Path) -> Result<Self, DevCaError> {
+        if !dir.join(ROOT_CERT_FILE).exists() {
+            Self::create(dir)?;
+        }
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| DevCaError::Read { path, source })
+        };
+        let cert_pem = read(ROOT_CERT_FILE)?;
+        let key_pem = read(ROOT_KEY_FILE)?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| DevCaError::Invalid {
+            path: dir.join(ROOT_KEY_FILE),
+            reason: e.to_string(),
+        })?;
+        Self::from_parts(cert_pem, key, dir)
+    }
+
+    fn create(dir: &Path) -> Result<(), DevCaError> {
+        let write_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DevCaError::Write { path, source }
+        };
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}-{}",
+            dir.file_name().and_then(|n| n.to_str()).unwrap_or("ca"),
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&tmp).map_err(write_err(&tmp))?;
+        let key = KeyPair::generate()?;
+        let cert = root_params()?.self_signed(&key)?;
+        std::fs::write(tmp.join(ROOT_CERT_FILE), cert.pem()).map_err(write_err(&tmp))?;
+        write_private(&tmp.join(ROOT_KEY_FILE), &key.serialize_pem()).map_err(write_err(&tmp))?;
+        // rename(2) of a directory fails if the target exists and is not empty: the first
+        // process to get here wins and everyone else loads its root.
+        if std::fs::rename(&tmp, dir).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if !dir.join(ROOT_CERT_FILE).exists() {
+                return Err(DevCaError::Invalid {
+                    path: dir.to_owned(),
+                    reason: format!("directory exists but holds no {ROOT_CERT_FILE}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn from_parts(root_pem: String, key: KeyPair, path: &Path) -> Result<Self, DevCaError> {
+        let invalid = |reason: String| DevCaError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let roots = TrustRoots::from_pem(&root_pem).map_err(|e| invalid(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| invalid(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            root_pem,
+            roots,
+        })
+    }
+
+    pub fn roots(&self) -> &TrustRoots {
+        &self.roots
+    }
+
+    /// Signs `csr_pem` for `identity`. The CSR must ask for exactly that identity.
+    pub fn sign(
+        &self,
+        identity: &SpiffeId,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, DevCaError> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| DevCaError::Csr(e.to_string()))?;
+        let want = identity.to_string();
+        match csr.params.subject_alt_names.as_slice() {
+            [SanType::URI(uri)] if uri.as_str() == want => {}
+            other => {
+                return Err(DevCaError::Csr(format!(
+                    "the CSR must carry exactly one URI SAN {want}, it carries {other:?}"
+                )));
+            }
+        }
+        let now = SystemTime::now();
+        let p = &mut csr.params;
+        p.not_before = (now - BACKDATE).into();
+        p.not_after = (now + ttl).into();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.distinguished_name = DistinguishedName::new();
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.serial_number = Some(fastrand::u64(1..).into());
+        p.use_authority_key_identifier_extension = true;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok(vec![cert.pem(), self.root_pem.clone()])
+    }
+}
+
+impl CertSource for DevCa {
+    fn sign(&self, identity: &SpiffeId, csr_pem: String, ttl: Duration) -> SignFuture {
+        let result = DevCa::sign(self, identity, &csr_pem, ttl).map_err(|e| e.to_string());
+        Box::pin(async move { result })
+    }
+}
+
+impl CertSource for Arc<DevCa> {
+    fn sign(&self, identity: &SpiffeId, csr_pem: String, ttl: Duration) -> SignFuture {
+        CertSource::sign(self.as_ref(), identity, csr_pem, ttl)
+    }
+}
+
+fn root_params() -> Result<CertificateParams, DevCaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "ambient mesh development CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + ROOT_LIFETIME).into();
+    params.serial_number = Some(fastrand::u64(1..).into());
+    Ok(params)
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())
+}

@@ -1,0 +1,20 @@
+//! Compiles the .proto files with a pure-Rust compiler, so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/istio/workload/workload.proto",
+        "proto/istio/security/authorization.proto",
+        "proto/istio/ca/ca.proto",
+        "proto/envoy/discovery.proto",
+    ];
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let descriptors = protox::compile(files, ["proto"])?;
+    prost_build::Config::new()
+        // Flat module names in lib.rs: point cross-package references at them.
+        .extern_path(".google.rpc", "crate::rpc")
+        .extern_path(".istio.workload", "crate::workload")
+        .compile_fds(descriptors)?;
+    Ok(())
+}
