@@ -11,10 +11,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    prost_build::Config::new()
-        // Flat module names in lib.rs: point cross-package references at them.
-        .extern_path(".google.rpc", "crate::rpc")
-        .extern_path(".istio.workload", "crate::workload")
-        .compile_fds(descriptors)?;
+    prost_build::Config::new().compile_fds(descriptors)?;
     Ok(())
 }

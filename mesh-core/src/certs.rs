@@ -314,7 +314,10 @@ mod tests {
         src.fail.store(true, Ordering::SeqCst);
         let mgr = CertManager::new(src, DEFAULT_CERT_TTL);
         let err = mgr.fetch(&id("a")).await.unwrap_err().to_string();
-        assert!(err.contains("spiffe://cluster.local/ns/default/sa/a"), "{err}");
+        assert!(
+            err.contains("spiffe://cluster.local/ns/default/sa/a"),
+            "{err}"
+        );
         assert!(err.contains("CA unavailable"), "{err}");
     }
 

@@ -116,7 +116,8 @@ impl DevCa {
             reason,
         };
         let roots = TrustRoots::from_pem(&root_pem).map_err(|e| invalid(e.to_string()))?;
-        let issuer = Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| invalid(e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             issuer,
             root_pem,
@@ -184,6 +185,11 @@ fn root_params() -> Result<CertificateParams, DevCaError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "ambient mesh development CA");
+    // A unique name per root, so a peer from another root fails as "unknown issuer".
+    dn.push(
+        DnType::CommonName,
+        format!("dev-root-{:016x}", fastrand::u64(..)),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

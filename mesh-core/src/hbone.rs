@@ -52,7 +52,7 @@ pub enum HboneError {
     #[error("TLS handshake with {addr} failed: {error}")]
     Tls {
         addr: std::net::SocketAddr,
-        error: Arc<io::Error>,
+        error: String,
     },
     #[error("TLS handshake with {0} timed out")]
     TlsTimeout(std::net::SocketAddr),
@@ -77,7 +77,7 @@ pub enum HboneError {
 /// Header a refusing HBONE server uses to say why, in a few words.
 pub const REASON_HEADER: &str = "x-mesh-reason";
 
-fn h2_client_builder() -> h2::client::Builder {
+pub(crate) fn h2_client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -99,7 +99,10 @@ fn h2_server_builder() -> h2::server::Builder {
 
 /// Is this stream error just the peer ending the stream?
 fn is_graceful_reset(e: &h2::Error) -> bool {
-    matches!(e.reason(), Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL))
+    matches!(
+        e.reason(),
+        Some(h2::Reason::NO_ERROR) | Some(h2::Reason::CANCEL)
+    )
 }
 
 /// Sends pings every [`PING_INTERVAL`]; returns when one goes unanswered for [`PING_TIMEOUT`]

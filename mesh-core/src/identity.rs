@@ -157,7 +157,10 @@ mod tests {
             "spiffe://cluster.local/ns/../sa/b",
             "spiffe://cluster.local/ns/a b/sa/c",
         ] {
-            assert!(bad.parse::<SpiffeId>().is_err(), "{bad:?} should be rejected");
+            assert!(
+                bad.parse::<SpiffeId>().is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -5,6 +5,8 @@ pub mod crypto;
 pub mod devca;
 pub mod hbone;
 pub mod identity;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 
 pub use identity::SpiffeId;

@@ -279,6 +279,23 @@ impl fmt::Debug for WorkloadCert {
     }
 }
 
+/// Describes a failed TLS handshake in words an operator can act on: the identity mismatch or
+/// certificate problem rather than rustls' debug formatting.
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    match inner {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(other))) => {
+            format!("invalid peer certificate: {other}")
+        }
+        rustls::Error::InvalidCertificate(ce) => {
+            format!("invalid peer certificate: {ce:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The name handed to rustls for a client connection (no SNI is sent).
 pub fn placeholder_server_name() -> ServerName<'static> {
     ServerName::try_from(PLACEHOLDER_SERVER_NAME).expect("the placeholder is a valid DNS name")

@@ -1,1 +1,41 @@
+//! ztunnel: the per-node zero-trust tunnel. It captures the TCP connections of the workloads
+//! on its node and carries them to their destination's ztunnel inside HBONE.
 
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod local;
+pub mod metrics;
+pub mod proxy;
+pub mod state;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use app::Ztunnel;
+pub use config::Config;
+
+/// Raises the open-file soft limit to the hard limit: every proxied connection holds two
+/// sockets, and the default soft limit (often 1024) is far too low for a node proxy.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    raise_nofile()
+}
+
+#[allow(unsafe_code)]
+fn raise_nofile() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit struct with cur <= max.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}

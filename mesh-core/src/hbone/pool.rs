@@ -8,7 +8,7 @@
 //! PING left unanswered), so a dead connection is never handed out.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -33,6 +33,8 @@ pub struct PoolKey {
     pub src: SpiffeId,
     pub dst: Vec<SpiffeId>,
     pub addr: SocketAddr,
+    /// Source address to bind, so the far side sees the workload's own address.
+    pub src_ip: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -66,7 +68,12 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    /// Connects to `addr`, from `src_ip` when given and of the same family.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        src_ip: Option<IpAddr>,
+    ) -> std::io::Result<TcpStream> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -75,6 +82,9 @@ impl Dialer {
             socket2::SockRef::from(&socket).set_mark(mark)?;
         }
         socket.set_nodelay(true)?;
+        if let Some(ip) = src_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
         socket.connect(addr).await
     }
 }
@@ -97,6 +107,8 @@ pub struct PoolStats {
 #[derive(Debug, Clone)]
 pub struct ConnStats {
     pub id: u64,
+    /// A dead connection still listed would be a bug: it is removed as its driver ends.
+    pub dead: bool,
     pub active_streams: usize,
     pub idle_for_ms: Option<u64>,
 }
@@ -265,9 +277,9 @@ impl Pool {
                     .lock()
                     .expect("pool lock poisoned")
                     .iter()
-                    .filter(|c| !c.dead.load(Ordering::Acquire))
                     .map(|c| ConnStats {
                         id: c.id,
+                        dead: c.dead.load(Ordering::Acquire),
                         active_streams: c.active.load(Ordering::Acquire),
                         idle_for_ms: c
                             .idle_since
@@ -326,13 +338,16 @@ impl Pool {
         let tls_cfg = cert
             .client_config(key.dst.clone())
             .map_err(|e| HboneError::TlsConfig(e.to_string()))?;
-        let tcp = tokio::time::timeout(cfg.connect_timeout, self.inner.dialer.connect(addr))
-            .await
-            .map_err(|_| HboneError::ConnectTimeout(addr))?
-            .map_err(|e| HboneError::Connect {
-                addr,
-                error: Arc::new(e),
-            })?;
+        let tcp = tokio::time::timeout(
+            cfg.connect_timeout,
+            self.inner.dialer.connect(addr, key.src_ip),
+        )
+        .await
+        .map_err(|_| HboneError::ConnectTimeout(addr))?
+        .map_err(|e| HboneError::Connect {
+            addr,
+            error: Arc::new(e),
+        })?;
         let tls = tokio::time::timeout(
             cfg.tls_timeout,
             TlsConnector::from(tls_cfg).connect(tls::placeholder_server_name(), tcp),
@@ -341,7 +356,7 @@ impl Pool {
         .map_err(|_| HboneError::TlsTimeout(addr))?
         .map_err(|e| HboneError::Tls {
             addr,
-            error: Arc::new(e),
+            error: tls::describe_handshake_error(&e),
         })?;
         if tls.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(HboneError::NoH2 { addr });
@@ -414,7 +429,9 @@ impl Drop for Inner {
 /// Closes connections that have carried no stream for the idle timeout, and forgets empty keys.
 async fn reap_idle(inner: Weak<Inner>) {
     let period = match inner.upgrade() {
-        Some(i) => (i.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30)),
+        Some(i) => {
+            (i.cfg.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30))
+        }
         None => return,
     };
     loop {
@@ -427,8 +444,7 @@ async fn reap_idle(inner: Weak<Inner>) {
             let mut conns = kp.conns.lock().expect("pool lock poisoned");
             conns.retain(|c| {
                 let idle = c.active.load(Ordering::Acquire) == 0
-                    && c
-                        .idle_since
+                    && c.idle_since
                         .lock()
                         .expect("idle lock poisoned")
                         .is_some_and(|t| now.duration_since(t) >= timeout);

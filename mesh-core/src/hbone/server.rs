@@ -10,9 +10,7 @@ use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{
-    H2Stream, PING_INTERVAL, PING_TIMEOUT, REASON_HEADER, h2_server_builder, keepalive,
-};
+use super::{H2Stream, PING_INTERVAL, PING_TIMEOUT, REASON_HEADER, h2_server_builder, keepalive};
 use crate::identity::SpiffeId;
 use crate::tls;
 
@@ -78,7 +76,7 @@ impl Connect {
 pub enum AcceptError {
     #[error("TLS and HTTP/2 set-up did not finish within {0:?}")]
     Timeout(Duration),
-    #[error("TLS handshake failed: {0}")]
+    #[error("TLS handshake failed: {}", tls::describe_handshake_error(.0))]
     Tls(std::io::Error),
     #[error("client certificate: {0}")]
     Identity(#[from] tls::TlsError),
@@ -89,11 +87,13 @@ pub enum AcceptError {
 }
 
 /// Serves one inbound HBONE connection: TLS with `tls_config`, then HTTP/2, calling `handler`
-/// on its own task for each stream. Returns when the connection ends.
+/// on its own task for each stream. When `drain` resolves the client is sent GOAWAY: streams
+/// in flight finish, new ones go elsewhere. Returns when the connection ends.
 pub async fn serve_connection<H, F>(
     tcp: TcpStream,
     tls_config: Arc<rustls::ServerConfig>,
     cfg: &ServerConfig,
+    drain: impl Future<Output = ()>,
     handler: H,
 ) -> Result<(), AcceptError>
 where
@@ -129,6 +129,8 @@ where
         }
     };
     tokio::pin!(unanswered);
+    tokio::pin!(drain);
+    let mut draining = false;
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -147,6 +149,10 @@ where
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
             },
+            _ = &mut drain, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
             true = &mut unanswered => {
                 warn!(%peer_addr, peer = %peer_identity, "HBONE client unresponsive to PING, closing");
                 return Ok(());

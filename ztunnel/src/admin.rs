@@ -1,0 +1,193 @@
+//! Admin (`/config_dump`, `/quitquitquit`), Prometheus (`/metrics`) and readiness
+//! (`/healthz/ready`) endpoints: small HTTP/1.1 servers off the data path.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Method, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{debug, info};
+
+use crate::proxy::ProxyState;
+use crate::proxy::inbound::{BindFailure, InboundListeners};
+
+pub type Body = Full<Bytes>;
+
+/// Serves `handler` on `listener` until shutdown.
+pub async fn serve<H>(
+    listener: TcpListener,
+    component: &'static str,
+    state: Arc<ProxyState>,
+    handler: H,
+) where
+    H: Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static,
+{
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, component, "listener established");
+    }
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    debug!(component, error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = state.draining() => return,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let resp = handler(req.method(), req.uri().path());
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+pub fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("static headers are valid")
+}
+
+fn not_found(path: &str) -> Response<Body> {
+    respond(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        format!("no endpoint {path}\n"),
+    )
+}
+
+/// The admin endpoints.
+pub fn admin_handler(
+    state: Arc<ProxyState>,
+    inbound: Arc<InboundListeners>,
+    failures: Arc<std::sync::Mutex<Vec<BindFailure>>>,
+    quit: Arc<Notify>,
+) -> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
+    move |method, path| match (method, path) {
+        (&Method::GET, "/config_dump") => {
+            let dump = config_dump(&state, &inbound, &failures);
+            let body = serde_json::to_vec_pretty(&dump).expect("JSON values serialize");
+            respond(StatusCode::OK, "application/json", body)
+        }
+        (&Method::POST, "/quitquitquit") => {
+            quit.notify_one();
+            respond(StatusCode::OK, "text/plain", "shutting down\n")
+        }
+        (&Method::GET, "/healthz/ready") => ready(),
+        (&Method::GET, "/") => respond(
+            StatusCode::OK,
+            "text/plain",
+            "GET /config_dump\nGET /healthz/ready\nPOST /quitquitquit\n",
+        ),
+        _ => not_found(path),
+    }
+}
+
+pub fn metrics_handler(
+    state: Arc<ProxyState>,
+) -> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
+    move |_, path| match path {
+        "/metrics" | "/stats/prometheus" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        ),
+        _ => not_found(path),
+    }
+}
+
+pub fn readiness_handler()
+-> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
+    move |_, path| match path {
+        "/healthz/ready" => ready(),
+        _ => not_found(path),
+    }
+}
+
+/// Readiness is only served once start-up finished: config loaded, listeners bound.
+fn ready() -> Response<Body> {
+    respond(StatusCode::OK, "text/plain", "ready\n")
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn config_dump(
+    state: &ProxyState,
+    inbound: &InboundListeners,
+    failures: &std::sync::Mutex<Vec<BindFailure>>,
+) -> Value {
+    let snap = state.store.snapshot();
+    let mut workloads: Vec<_> = snap.workloads().collect();
+    workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+    let mut services: Vec<_> = snap.services().collect();
+    services.sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
+    let mut local: Vec<_> = snap
+        .local_workloads(&state.cfg.node_name)
+        .map(|w| w.uid.clone())
+        .collect();
+    local.sort();
+    let certificates: Vec<Value> = state
+        .certs
+        .status()
+        .into_iter()
+        .map(|c| {
+            json!({
+                "identity": c.identity.to_string(),
+                "state": format!("{:?}", c.state),
+                "notBefore": unix(c.not_before),
+                "notAfter": unix(c.not_after),
+            })
+        })
+        .collect();
+    let pool: Vec<Value> = state
+        .pool
+        .stats()
+        .into_iter()
+        .map(|p| {
+            json!({
+                "src": p.src,
+                "dst": p.dst,
+                "addr": p.addr.to_string(),
+                "connections": p.connections.iter().map(|c| json!({
+                    "id": c.id,
+                    "dead": c.dead,
+                    "activeStreams": c.active_streams,
+                    "idleForMs": c.idle_for_ms,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "node": state.cfg.node_name,
+        "workloads": workloads,
+        "services": services,
+        "localWorkloads": local,
+        "certificates": certificates,
+        "pool": pool,
+        "listeners": {
+            "inboundHbone": inbound.addrs(),
+            "bindFailures": *failures.lock().expect("failure list lock poisoned"),
+        },
+        "activeConnections": state.active_connections(),
+    })
+}

@@ -1,0 +1,244 @@
+//! Wires a ztunnel together: config, certificates, pool, listeners, admin; and takes it apart.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mesh_core::certs::{CertManager, CertSource};
+use mesh_core::hbone::{Dialer, Pool, PoolConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::admin;
+use crate::config::Config;
+use crate::local;
+use crate::metrics::Metrics;
+use crate::proxy::inbound::{BindFailure, InboundListeners};
+use crate::proxy::{self, Phase, ProxyState, accept_loop};
+use crate::state::Store;
+
+/// Addresses the ztunnel actually listens on (ports resolved when 0 was asked for).
+#[derive(Debug, Clone, Default)]
+pub struct Addrs {
+    pub outbound: Option<SocketAddr>,
+    pub inbound_plaintext: Option<SocketAddr>,
+    pub socks5: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub readiness: Option<SocketAddr>,
+}
+
+/// A running ztunnel.
+pub struct Ztunnel {
+    pub addrs: Addrs,
+    state: Arc<ProxyState>,
+    inbound: Arc<InboundListeners>,
+    phase: watch::Sender<Phase>,
+    quit: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => TcpListener::bind(a)
+            .await
+            .map(Some)
+            .with_context(|| format!("binding the {what} listener on {a}")),
+    }
+}
+
+impl Ztunnel {
+    /// Loads the mesh config, binds every listener and starts serving. Fails (with the reason)
+    /// if the config is unusable or a listener cannot be bound.
+    pub async fn start(cfg: Config, ca: Arc<dyn CertSource>) -> anyhow::Result<Self> {
+        let store = Store::default();
+        local::load(&cfg.local_config, &store).context("loading the mesh config")?;
+        let metrics = Metrics::new();
+        let certs = CertManager::new(ca, cfg.cert_ttl);
+        let dialer = Dialer {
+            mark: cfg.socket_mark,
+        };
+        let pool = Pool::new(
+            PoolConfig {
+                idle_timeout: cfg.pool_idle_timeout,
+                connect_timeout: cfg.connect_timeout,
+                tls_timeout: cfg.handshake_timeout,
+                ..PoolConfig::default()
+            },
+            certs.clone(),
+            dialer.clone(),
+        );
+
+        let outbound = bind(cfg.outbound_addr, "outbound").await?;
+        let inbound_plaintext = bind(cfg.inbound_plaintext_addr, "inbound plaintext").await?;
+        let socks5 = bind(cfg.socks5_addr, "SOCKS5").await?;
+        let admin_l = bind(cfg.admin_addr, "admin").await?;
+        let metrics_l = bind(cfg.metrics_addr, "metrics").await?;
+        let readiness_l = bind(cfg.readiness_addr, "readiness").await?;
+        let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        let addrs = Addrs {
+            outbound: local(&outbound),
+            inbound_plaintext: local(&inbound_plaintext),
+            socks5: local(&socks5),
+            admin: local(&admin_l),
+            metrics: local(&metrics_l),
+            readiness: local(&readiness_l),
+        };
+        let own_addrs = [
+            addrs.outbound,
+            addrs.inbound_plaintext,
+            addrs.socks5,
+            addrs.admin,
+            addrs.metrics,
+            addrs.readiness,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+
+        let config_poll = cfg.config_poll;
+        let config_path = cfg.local_config.clone();
+        let node = cfg.node_name.clone();
+        let (phase, phase_rx) = watch::channel(Phase::Serving);
+        let state = Arc::new(ProxyState::new(
+            cfg,
+            store.clone(),
+            certs.clone(),
+            pool,
+            metrics.clone(),
+            dialer,
+            own_addrs,
+            phase_rx,
+        ));
+        let inbound = Arc::new(InboundListeners::new(state.clone()));
+        let failures = Arc::new(Mutex::new(inbound.reconcile()));
+        let quit = Arc::new(Notify::new());
+
+        let mut tasks = Vec::new();
+        if let Some(l) = outbound {
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                "outbound",
+                state.clone(),
+                proxy::outbound::serve_redirected,
+            )));
+        }
+        if let Some(l) = inbound_plaintext {
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                "inbound_plaintext",
+                state.clone(),
+                proxy::inbound_plaintext::serve,
+            )));
+        }
+        if let Some(l) = socks5 {
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                "socks5",
+                state.clone(),
+                proxy::socks5::serve,
+            )));
+        }
+        if let Some(l) = admin_l {
+            let h = admin::admin_handler(
+                state.clone(),
+                inbound.clone(),
+                failures.clone(),
+                quit.clone(),
+            );
+            tasks.push(tokio::spawn(admin::serve(l, "admin", state.clone(), h)));
+        }
+        if let Some(l) = metrics_l {
+            let h = admin::metrics_handler(state.clone());
+            tasks.push(tokio::spawn(admin::serve(l, "metrics", state.clone(), h)));
+        }
+        if let Some(l) = readiness_l {
+            tasks.push(tokio::spawn(admin::serve(
+                l,
+                "readiness",
+                state.clone(),
+                admin::readiness_handler(),
+            )));
+        }
+        {
+            let inbound = inbound.clone();
+            let failures = failures.clone();
+            let certs = certs.clone();
+            let store_for_change = store.clone();
+            let on_change = move || {
+                *failures.lock().expect("failure list lock poisoned") = inbound.reconcile();
+                // Stop rotating certificates no local workload needs any more.
+                let snap = store_for_change.snapshot();
+                let wanted: std::collections::HashSet<_> = snap
+                    .local_workloads(&node)
+                    .map(|w| w.identity.clone())
+                    .collect();
+                certs.retain(|id| wanted.contains(id));
+            };
+            tasks.push(tokio::spawn(local::watch(
+                config_path,
+                store,
+                config_poll,
+                metrics.config_reload_errors.clone(),
+                on_change,
+            )));
+        }
+        info!(node = %state.cfg.node_name, "ztunnel ready");
+        Ok(Self {
+            addrs,
+            state,
+            inbound,
+            phase,
+            quit,
+            tasks,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+
+    pub fn state(&self) -> &Arc<ProxyState> {
+        &self.state
+    }
+
+    /// Addresses of the per-workload inbound HBONE listeners.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        self.inbound.addrs()
+    }
+
+    pub fn bind_failures(&self) -> Vec<BindFailure> {
+        self.inbound.reconcile()
+    }
+
+    /// Resolves when `/quitquitquit` is called.
+    pub async fn quit_requested(&self) {
+        self.quit.notified().await
+    }
+
+    /// Stops accepting, then gives in-flight connections up to the drain timeout to finish.
+    pub async fn shutdown(self) {
+        let _ = self.phase.send(Phase::Draining);
+        let deadline = Instant::now() + self.state.cfg.drain_timeout;
+        while self.state.active_connections() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.state.active_connections();
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain timeout reached; closing remaining connections"
+            );
+        }
+        let _ = self.phase.send(Phase::Closed);
+        for t in &self.tasks {
+            t.abort();
+        }
+        drop(self.inbound);
+        info!("ztunnel stopped");
+    }
+}

@@ -1,0 +1,58 @@
+use std::sync::Arc;
+
+use anyhow::Context;
+use mesh_core::devca::DevCa;
+use tracing::{info, warn};
+use ztunnel::{Config, Ztunnel};
+
+fn main() -> anyhow::Result<()> {
+    let cfg = match Config::from_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e:#}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing();
+    match ztunnel::raise_fd_limit() {
+        Ok(n) => info!(limit = n, "open file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open file limit"),
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let ca_dir = cfg
+        .dev_ca_dir
+        .clone()
+        .context("standalone mode needs a development CA directory (--dev-ca-dir)")?;
+    let ca = DevCa::load_or_create(&ca_dir)
+        .with_context(|| format!("loading the development CA from {}", ca_dir.display()))?;
+    warn!(dir = %ca_dir.display(), "using the development CA: certificates are signed with a local key, not by the mesh CA");
+    let zt = Ztunnel::start(cfg, Arc::new(ca)).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
+        _ = term.recv() => info!("terminated; shutting down"),
+        _ = zt.quit_requested() => info!("quit requested; shutting down"),
+    }
+    zt.shutdown().await;
+    Ok(())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,302 @@
+//! Prometheus metrics with Istio's names and labels, and the per-connection access log.
+//!
+//! Byte counters: `istio_tcp_sent_bytes_total` counts bytes from the client toward the server,
+//! `istio_tcp_received_bytes_total` bytes from the server back to the client.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mesh_core::hbone::ByteCounters;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use crate::state::Workload;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reporter {
+    source,
+    destination,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SecurityPolicy {
+    mutual_tls,
+    unknown,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub request_protocol: String,
+    pub connection_security_policy: SecurityPolicy,
+}
+
+/// Why a connection was refused or failed; bounded, so it can be a label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefusalReason {
+    unknown_source,
+    loop_detected,
+    no_healthy_endpoint,
+    unknown_service_port,
+    upstream_connect_failed,
+    tunnel_refused,
+    bad_request,
+    no_local_workload,
+    certificate_unavailable,
+    handshake_failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: Direction,
+    pub reason: RefusalReason,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    refused: Family<RefusalLabels, Counter>,
+    pub config_reload_errors: Counter,
+    registry: Arc<Registry>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::<TcpLabels, Counter>::default();
+        let closed = Family::<TcpLabels, Counter>::default();
+        let sent = Family::<TcpLabels, Counter>::default();
+        let received = Family::<TcpLabels, Counter>::default();
+        let refused = Family::<RefusalLabels, Counter>::default();
+        let config_reload_errors = Counter::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent from client to server over TCP connections",
+            sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes sent from server back to client over TCP connections",
+            received.clone(),
+        );
+        registry.register(
+            "ztunnel_connections_refused",
+            "Connections ztunnel refused or could not complete, by reason",
+            refused.clone(),
+        );
+        registry.register(
+            "ztunnel_config_reload_errors",
+            "Mesh config reloads rejected (the last good config stays in force)",
+            config_reload_errors.clone(),
+        );
+        Self {
+            opened,
+            closed,
+            sent,
+            received,
+            refused,
+            config_reload_errors,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn refused(&self, direction: Direction, reason: RefusalReason) {
+        self.refused
+            .get_or_create(&RefusalLabels { direction, reason })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Both ends of a proxied connection as the access log and metrics name them.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    pub workload: Option<Arc<Workload>>,
+    /// The identity proven over mTLS (inbound) or the one expected (outbound).
+    pub identity: Option<String>,
+}
+
+/// Lives as long as a proxied connection; on drop it counts the connection closed, adds its
+/// bytes and writes one access-log event, so every early return is recorded.
+pub struct ConnectionRecord {
+    metrics: Metrics,
+    labels: TcpLabels,
+    direction: Direction,
+    src: Peer,
+    dst: Peer,
+    service: Option<String>,
+    start: Instant,
+    pub bytes: Arc<ByteCounters>,
+    /// The byte counters were filled with the client on the tunnel side (inbound HBONE), so
+    /// their "sent" is server → client.
+    tunnel_is_client: bool,
+    error: Option<String>,
+}
+
+impl ConnectionRecord {
+    pub fn open(
+        metrics: &Metrics,
+        reporter: Reporter,
+        direction: Direction,
+        src: Peer,
+        dst: Peer,
+        service: Option<String>,
+        mtls: bool,
+    ) -> Self {
+        let name = |p: &Peer| {
+            p.workload
+                .as_ref()
+                .map(|w| w.canonical_name.clone())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let ns = |p: &Peer| {
+            p.workload
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let principal = |p: &Peer| p.identity.clone().unwrap_or_else(|| "unknown".into());
+        let labels = TcpLabels {
+            reporter,
+            source_workload: name(&src),
+            source_workload_namespace: ns(&src),
+            source_principal: principal(&src),
+            destination_workload: name(&dst),
+            destination_workload_namespace: ns(&dst),
+            destination_principal: principal(&dst),
+            destination_service: service.clone().unwrap_or_else(|| "unknown".into()),
+            request_protocol: "tcp".into(),
+            connection_security_policy: if mtls {
+                SecurityPolicy::mutual_tls
+            } else {
+                SecurityPolicy::unknown
+            },
+        };
+        metrics.opened.get_or_create(&labels).inc();
+        Self {
+            metrics: metrics.clone(),
+            labels,
+            direction,
+            src,
+            dst,
+            service,
+            start: Instant::now(),
+            bytes: Arc::new(ByteCounters::default()),
+            tunnel_is_client: false,
+            error: None,
+        }
+    }
+
+    /// Marks the counters as filled by a copy whose tunnel side faces the client.
+    pub fn client_on_tunnel_side(mut self) -> Self {
+        self.tunnel_is_client = true;
+        self
+    }
+
+    pub fn fail(&mut self, error: impl std::fmt::Display) {
+        self.error = Some(error.to_string());
+    }
+}
+
+impl Drop for ConnectionRecord {
+    fn drop(&mut self) {
+        let (mut sent, mut received) = (self.bytes.sent(), self.bytes.received());
+        if self.tunnel_is_client {
+            std::mem::swap(&mut sent, &mut received);
+        }
+        self.metrics.closed.get_or_create(&self.labels).inc();
+        self.metrics.sent.get_or_create(&self.labels).inc_by(sent);
+        self.metrics
+            .received
+            .get_or_create(&self.labels)
+            .inc_by(received);
+        let fmt_addr = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+        let fmt_wl = |p: &Peer| {
+            p.workload
+                .as_ref()
+                .map(|w| {
+                    let mut s = String::with_capacity(w.namespace.len() + w.name.len() + 1);
+                    let _ = write!(s, "{}/{}", w.namespace, w.name);
+                    s
+                })
+                .unwrap_or_default()
+        };
+        let duration_ms = self.start.elapsed().as_millis() as u64;
+        let direction = match self.direction {
+            Direction::inbound => "inbound",
+            Direction::outbound => "outbound",
+        };
+        macro_rules! access {
+            ($lvl:ident, $($extra:tt)*) => {
+                $lvl!(
+                    target: "access",
+                    direction,
+                    src.addr = %fmt_addr(self.src.addr),
+                    src.workload = %fmt_wl(&self.src),
+                    src.identity = self.src.identity.as_deref().unwrap_or(""),
+                    dst.addr = %fmt_addr(self.dst.addr),
+                    dst.workload = %fmt_wl(&self.dst),
+                    dst.identity = self.dst.identity.as_deref().unwrap_or(""),
+                    dst.service = self.service.as_deref().unwrap_or(""),
+                    bytes_sent = sent,
+                    bytes_recv = received,
+                    duration_ms,
+                    $($extra)*
+                )
+            };
+        }
+        match &self.error {
+            None => access!(info, "connection complete"),
+            Some(e) => access!(warn, error = %e, "connection failed"),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! What ztunnel knows about the mesh: workloads and services, indexed for the data path.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use mesh_core::SpiffeId;
+
+/// How traffic to a workload is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// Inside HBONE, to the workload's ztunnel.
+    Hbone,
+    /// As plain TCP: the workload is not in the mesh.
+    Tcp,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(serialize_with = "display")]
+    pub identity: SpiffeId,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub protocol: Protocol,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Uids of the workloads behind the service.
+    pub endpoints: Vec<String>,
+}
+
+impl Service {
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port)
+    }
+}
+
+fn display<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// An immutable view of the mesh; replaced whole when config changes.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<String, Arc<Service>>,
+    services_by_vip: HashMap<IpAddr, Arc<Service>>,
+    services_by_host: HashMap<String, Arc<Service>>,
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// A mesh workload (directly, or picked behind a service VIP).
+    Workload {
+        workload: Arc<Workload>,
+        /// The workload address and target port to reach.
+        addr: SocketAddr,
+        service: Option<Arc<Service>>,
+    },
+    /// Not known to the mesh: forwarded unchanged as plain TCP.
+    Passthrough(SocketAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("service {0} has no healthy endpoints")]
+    NoHealthyEndpoints(String),
+    #[error("service {service} does not expose port {port}")]
+    UnknownPort { service: String, port: u16 },
+}
+
+impl Snapshot {
+    pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> Self {
+        let mut s = Snapshot::default();
+        for w in workloads {
+            let w = Arc::new(w);
+            for ip in &w.addresses {
+                s.by_ip.insert(*ip, w.clone());
+            }
+            s.workloads.insert(w.uid.clone(), w);
+        }
+        for svc in services {
+            let svc = Arc::new(svc);
+            for ip in &svc.addresses {
+                s.services_by_vip.insert(*ip, svc.clone());
+            }
+            s.services_by_host.insert(svc.hostname.clone(), svc.clone());
+            s.services
+                .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
+        }
+        s
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
+        self.services_by_host.get(host)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// Workloads running on `node`.
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// Resolves an original destination: service VIP first, then workload address, else
+    /// passthrough.
+    pub fn resolve(&self, dst: SocketAddr) -> Result<Destination, ResolveError> {
+        if let Some(svc) = self.services_by_vip.get(&dst.ip()) {
+            let target_port = svc
+                .target_port(dst.port())
+                .ok_or(ResolveError::UnknownPort {
+                    service: svc.hostname.clone(),
+                    port: dst.port(),
+                })?;
+            let healthy: Vec<&Arc<Workload>> = svc
+                .endpoints
+                .iter()
+                .filter_map(|uid| self.workloads.get(uid))
+                .filter(|w| w.healthy && !w.addresses.is_empty())
+                .collect();
+            if healthy.is_empty() {
+                return Err(ResolveError::NoHealthyEndpoints(svc.hostname.clone()));
+            }
+            let w = healthy[fastrand::usize(..healthy.len())];
+            let ip = w
+                .addresses
+                .iter()
+                .find(|a| a.is_ipv4() == dst.is_ipv4())
+                .unwrap_or(&w.addresses[0]);
+            return Ok(Destination::Workload {
+                workload: w.clone(),
+                addr: SocketAddr::new(*ip, target_port),
+                service: Some(svc.clone()),
+            });
+        }
+        if let Some(w) = self.by_ip.get(&dst.ip()) {
+            return Ok(Destination::Workload {
+                workload: w.clone(),
+                addr: dst,
+                service: None,
+            });
+        }
+        Ok(Destination::Passthrough(dst))
+    }
+}
+
+/// The current snapshot, swapped whole on config change. Readers take a cheap `Arc` clone
+/// once per connection.
+#[derive(Clone, Default)]
+pub struct Store {
+    current: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl Store {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().expect("store lock poisoned").clone()
+    }
+
+    pub fn replace(&self, next: Snapshot) {
+        *self.current.write().expect("store lock poisoned") = Arc::new(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wl(uid: &str, ip: &str, healthy: bool) -> Workload {
+        Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "default".into(),
+            service_account: "sa".into(),
+            identity: SpiffeId::new("cluster.local", "default", "sa").unwrap(),
+            node: "n".into(),
+            addresses: vec![ip.parse().unwrap()],
+            protocol: Protocol::Hbone,
+            canonical_name: uid.into(),
+            canonical_revision: "latest".into(),
+            healthy,
+        }
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot::new(
+            vec![wl("a", "198.18.1.1", true), wl("b", "198.18.1.2", false)],
+            vec![Service {
+                name: "echo".into(),
+                namespace: "default".into(),
+                hostname: "echo.default.svc.cluster.local".into(),
+                addresses: vec!["198.18.200.1".parse().unwrap()],
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                }],
+                endpoints: vec!["a".into(), "b".into()],
+            }],
+        )
+    }
+
+    #[test]
+    fn vip_resolves_to_a_healthy_endpoint_and_target_port() {
+        let s = snapshot();
+        for _ in 0..20 {
+            match s.resolve("198.18.200.1:80".parse().unwrap()).unwrap() {
+                Destination::Workload {
+                    workload,
+                    addr,
+                    service,
+                } => {
+                    assert_eq!(workload.uid, "a");
+                    assert_eq!(addr, "198.18.1.1:8080".parse().unwrap());
+                    assert_eq!(service.unwrap().name, "echo");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_service_port_is_an_error() {
+        let err = snapshot()
+            .resolve("198.18.200.1:81".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service echo.default.svc.cluster.local does not expose port 81"
+        );
+    }
+
+    #[test]
+    fn workload_ip_is_direct_and_unknown_is_passthrough() {
+        let s = snapshot();
+        assert!(matches!(
+            s.resolve("198.18.1.2:9".parse().unwrap()).unwrap(),
+            Destination::Workload { addr, .. } if addr == "198.18.1.2:9".parse().unwrap()
+        ));
+        assert!(matches!(
+            s.resolve("198.18.9.9:9".parse().unwrap()).unwrap(),
+            Destination::Passthrough(_)
+        ));
+    }
+}
