@@ -187,6 +187,9 @@ impl Ztunnel {
                 on_change,
             )));
         }
+        tasks.push(tokio::spawn(crate::memory::trim_after_bursts(
+            state.clone(),
+        )));
         info!(node = %state.cfg.node_name, "ztunnel ready");
         Ok(Self {
             addrs,

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod local;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod state;

@@ -41,6 +41,8 @@ pub struct ProxyState {
     pub own_addrs: Vec<SocketAddr>,
     pub phase: watch::Receiver<Phase>,
     active: AtomicUsize,
+    /// Most connections active at once since memory was last trimmed.
+    pub(crate) peak: AtomicUsize,
 }
 
 impl ProxyState {
@@ -64,6 +66,7 @@ impl ProxyState {
             own_addrs,
             phase,
             active: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         }
     }
 
@@ -84,7 +87,8 @@ pub(crate) struct ActiveGuard(Arc<ProxyState>);
 
 impl ActiveGuard {
     pub(crate) fn new(state: &Arc<ProxyState>) -> Self {
-        state.active.fetch_add(1, Ordering::Relaxed);
+        let now = state.active.fetch_add(1, Ordering::Relaxed) + 1;
+        state.peak.fetch_max(now, Ordering::Relaxed);
         Self(state.clone())
     }
 }

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
-use super::{ProxyState, accept_loop};
+use super::{ActiveGuard, ProxyState, accept_loop};
 use crate::metrics::{ConnectionRecord, Direction, Peer, RefusalReason, Reporter};
 use crate::state::Protocol;
 
@@ -185,6 +185,7 @@ async fn serve(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
 }
 
 async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
+    let _active = ActiveGuard::new(&state);
     let peer_id = connect.peer_identity.to_string();
     let refuse = |connect: Connect, status: StatusCode, reason: RefusalReason, msg: String| {
         state.metrics.refused(Direction::inbound, reason);
