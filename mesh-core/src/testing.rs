@@ -21,6 +21,17 @@ pub fn issue(ca: &DevCa, id: &SpiffeId) -> WorkloadCert {
     WorkloadCert::from_chain(id.clone(), key, &chain).expect("a fresh chain is valid")
 }
 
+/// Issues a certificate from `ca` that trusts `roots` instead of `ca`'s own root: a client
+/// that accepts a server from another mesh while presenting its own mesh's certificate.
+pub fn issue_trusting(ca: &DevCa, id: &SpiffeId, roots: &DevCa) -> WorkloadCert {
+    let (key, csr) = new_key_and_csr(id).expect("key generation works");
+    let chain = ca
+        .sign(id, &csr, std::time::Duration::from_secs(3600))
+        .expect("the development CA signs a matching CSR");
+    let leaf = tls::parse_pem_certs(&chain[0]).expect("the CA returns PEM");
+    WorkloadCert::new(id.clone(), key, leaf, roots.roots().clone()).expect("a fresh leaf is valid")
+}
+
 /// Opens mTLS + HTTP/2 to an HBONE server as `cert`, expecting the server to be `expected`.
 pub async fn h2_connect(
     cert: &WorkloadCert,

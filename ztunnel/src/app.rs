@@ -104,16 +104,18 @@ impl Ztunnel {
         let config_path = cfg.local_config.clone();
         let node = cfg.node_name.clone();
         let (phase, phase_rx) = watch::channel(Phase::Serving);
-        let state = Arc::new(ProxyState::new(
+        let state = Arc::new(ProxyState {
             cfg,
-            store.clone(),
-            certs.clone(),
+            store: store.clone(),
+            certs: certs.clone(),
             pool,
-            metrics.clone(),
+            metrics: metrics.clone(),
             dialer,
             own_addrs,
-            phase_rx,
-        ));
+            phase: phase_rx,
+            active: Default::default(),
+            peak: Default::default(),
+        });
         let inbound = Arc::new(InboundListeners::new(state.clone()));
         let failures = Arc::new(Mutex::new(inbound.reconcile()));
         let quit = Arc::new(Notify::new());

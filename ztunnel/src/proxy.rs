@@ -40,36 +40,12 @@ pub struct ProxyState {
     /// ztunnel's own listening addresses: outbound traffic to them is a loop.
     pub own_addrs: Vec<SocketAddr>,
     pub phase: watch::Receiver<Phase>,
-    active: AtomicUsize,
+    pub(crate) active: AtomicUsize,
     /// Most connections active at once since memory was last trimmed.
     pub(crate) peak: AtomicUsize,
 }
 
 impl ProxyState {
-    pub fn new(
-        cfg: Config,
-        store: Store,
-        certs: CertManager,
-        pool: Pool,
-        metrics: Metrics,
-        dialer: Dialer,
-        own_addrs: Vec<SocketAddr>,
-        phase: watch::Receiver<Phase>,
-    ) -> Self {
-        Self {
-            cfg,
-            store,
-            certs,
-            pool,
-            metrics,
-            dialer,
-            own_addrs,
-            phase,
-            active: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
-        }
-    }
-
     /// Resolves once the proxy starts draining (or is already past serving).
     pub async fn draining(&self) {
         let mut phase = self.phase.clone();

@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{Config, Ztunnel};
 
+pub mod netns;
+
 /// What the echo server appends once it has seen the client's FIN, proving half-close works:
 /// the client can still read after it stopped writing.
 pub const EOF_MARKER: &[u8] = b"<server saw EOF>";

@@ -1,6 +1,8 @@
 //! One structured access-log event per connection, on both sides, naming the client's proven
 //! SPIFFE identity. Its own test binary: it installs the process-wide log subscriber.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

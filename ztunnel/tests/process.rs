@@ -1,6 +1,8 @@
 //! The real ztunnel binary, two processes: start-up, readiness, 1000 concurrent connections,
 //! memory back near idle afterwards, and a clean exit on /quitquitquit.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
