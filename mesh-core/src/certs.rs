@@ -22,6 +22,11 @@ const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Never refresh more often than this, whatever lifetime the CA granted.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// A CA that has not answered by then is treated as failed.
+const SIGN_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a failed fetch, callers within this time get the same failure instead of each making
+/// a CSR of their own.
+const FAILURE_HOLD: Duration = Duration::from_secs(1);
 
 /// A PEM chain (leaf first, roots last) or a reason the CA refused.
 pub type SignFuture = Pin<Box<dyn Future<Output = Result<Vec<String>, String>> + Send>>;
@@ -67,6 +72,7 @@ struct Inner {
 #[derive(Default)]
 struct Slot {
     current: Mutex<Option<Arc<WorkloadCert>>>,
+    last_failure: Mutex<Option<(std::time::Instant, CertError)>>,
     /// Serialises fetches for one identity: a burst of first connections makes one CSR.
     fetching: tokio::sync::Mutex<()>,
     refresher: Mutex<Option<AbortHandle>>,
@@ -113,7 +119,20 @@ impl CertManager {
         if let Some(c) = slot.valid(SystemTime::now()) {
             return Ok(c);
         }
-        let cert = request(&self.inner, identity).await?;
+        if let Some((at, e)) = &*slot.last_failure.lock().expect("failure lock poisoned")
+            && at.elapsed() < FAILURE_HOLD
+        {
+            return Err(e.clone());
+        }
+        let cert = match request(&self.inner, identity).await {
+            Ok(c) => c,
+            Err(e) => {
+                *slot.last_failure.lock().expect("failure lock poisoned") =
+                    Some((std::time::Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
+        *slot.last_failure.lock().expect("failure lock poisoned") = None;
         slot.store(cert.clone());
         self.ensure_refresher(identity, &slot, &cert);
         Ok(cert)
@@ -210,10 +229,9 @@ async fn request(inner: &Inner, identity: &SpiffeId) -> Result<Arc<WorkloadCert>
         reason,
     };
     let (key, csr) = new_key_and_csr(identity).map_err(|e| fail(e.to_string()))?;
-    let chain = inner
-        .source
-        .sign(identity, csr, inner.ttl)
+    let chain = tokio::time::timeout(SIGN_TIMEOUT, inner.source.sign(identity, csr, inner.ttl))
         .await
+        .map_err(|_| fail(format!("the CA did not answer within {SIGN_TIMEOUT:?}")))?
         .map_err(fail)?;
     let cert =
         WorkloadCert::from_chain(identity.clone(), key, &chain).map_err(|e| fail(e.to_string()))?;

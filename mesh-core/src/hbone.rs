@@ -63,6 +63,8 @@ pub enum HboneError {
         addr: std::net::SocketAddr,
         error: Arc<h2::Error>,
     },
+    #[error("{0} did not answer the CONNECT in time")]
+    StreamTimeout(std::net::SocketAddr),
     #[error("{0}")]
     Cert(#[from] crate::certs::CertError),
     #[error("{0}")]

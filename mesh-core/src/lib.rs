@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod devca;
 pub mod hbone;
 pub mod identity;
+pub mod sockets;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

@@ -135,6 +135,9 @@ pub struct WorkloadCert {
 impl WorkloadCert {
     /// Assembles a certificate from a CA response: `chain` is leaf first, roots last (the last
     /// certificate is taken as the trust root). Checks that the leaf carries `identity`.
+    /// Only for a CA trusted to name the mesh roots (the development CA); a remote CA's chain
+    /// goes through [`WorkloadCert::new`] with the configured roots, so a CA response cannot
+    /// change what the proxy trusts.
     pub fn from_chain(
         identity: SpiffeId,
         key: PrivateKeyDer<'static>,

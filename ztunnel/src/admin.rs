@@ -3,13 +3,13 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -19,6 +19,10 @@ use crate::proxy::ProxyState;
 use crate::proxy::inbound::{BindFailure, InboundListeners};
 
 pub type Body = Full<Bytes>;
+
+const MAX_CONNECTIONS: usize = 64;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// Serves `handler` on `listener` until shutdown.
 pub async fn serve<H>(
@@ -32,16 +36,24 @@ pub async fn serve<H>(
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, component, "listener established");
     }
+    // Off the data path, so bounded: a scraper or a stuck client cannot take the file
+    // descriptors the proxy needs.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
                     debug!(component, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = state.draining() => return,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(component, "too many connections; dropping one");
+            continue;
         };
         let handler = handler.clone();
         tokio::spawn(async move {
@@ -49,9 +61,12 @@ pub async fn serve<H>(
                 let resp = handler(req.method(), req.uri().path());
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(MAX_CONNECTION_AGE, conn).await;
+            drop(slot);
         });
     }
 }

@@ -20,6 +20,9 @@ use crate::proxy::inbound::{BindFailure, InboundListeners};
 use crate::proxy::{self, Phase, ProxyState, accept_loop};
 use crate::state::Store;
 
+/// How often listeners that failed to bind are tried again.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
 /// Addresses the ztunnel actually listens on (ports resolved when 0 was asked for).
 #[derive(Debug, Clone, Default)]
 pub struct Addrs {
@@ -38,6 +41,7 @@ pub struct Ztunnel {
     inbound: Arc<InboundListeners>,
     phase: watch::Sender<Phase>,
     quit: Arc<Notify>,
+    failures: Arc<Mutex<Vec<BindFailure>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -192,6 +196,24 @@ impl Ztunnel {
         tasks.push(tokio::spawn(crate::memory::trim_after_bursts(
             state.clone(),
         )));
+        {
+            // A workload address may appear on the node after its config does: retry binds.
+            let inbound = inbound.clone();
+            let failures = failures.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(BIND_RETRY).await;
+                    let pending = !failures
+                        .lock()
+                        .expect("failure list lock poisoned")
+                        .is_empty();
+                    if pending {
+                        let now = inbound.reconcile();
+                        *failures.lock().expect("failure list lock poisoned") = now;
+                    }
+                }
+            }));
+        }
         info!(node = %state.cfg.node_name, "ztunnel ready");
         Ok(Self {
             addrs,
@@ -199,6 +221,7 @@ impl Ztunnel {
             inbound,
             phase,
             quit,
+            failures,
             tasks,
         })
     }
@@ -216,8 +239,12 @@ impl Ztunnel {
         self.inbound.addrs()
     }
 
+    /// Inbound listeners that should exist but could not be opened (retried every few seconds).
     pub fn bind_failures(&self) -> Vec<BindFailure> {
-        self.inbound.reconcile()
+        self.failures
+            .lock()
+            .expect("failure list lock poisoned")
+            .clone()
     }
 
     /// Resolves when `/quitquitquit` is called.

@@ -144,6 +144,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
         .trust_domain
         .clone()
         .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+    SpiffeId::new(&td, "ns", "sa").map_err(|_| {
+        invalid(
+            "top level".into(),
+            "trustDomain",
+            format!(
+                "{td:?} is not a valid trust domain (lower-case letters, digits, '-', '.', '_')"
+            ),
+        )
+    })?;
 
     let mut workloads = Vec::with_capacity(file.workloads.len());
     let mut seen_uid = HashSet::new();
@@ -207,6 +216,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
 
     let mut services = Vec::with_capacity(file.services.len());
     let mut seen_vip: HashMap<IpAddr, String> = HashMap::new();
+    let mut seen_host: HashMap<String, String> = HashMap::new();
     for (i, s) in file.services.iter().enumerate() {
         let object = format!("services[{i}] ({}/{})", s.namespace, s.name);
         if s.addresses.is_empty() {
@@ -250,6 +260,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
                 target_port,
             });
         }
+        let hostname = s
+            .hostname
+            .clone()
+            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+        if !is_valid_hostname(&hostname) {
+            return Err(invalid(
+                object,
+                "hostname",
+                format!("{hostname:?} is not a valid DNS name"),
+            ));
+        }
+        if let Some(other) = seen_host.insert(hostname.clone(), object.clone()) {
+            return Err(invalid(
+                object,
+                "hostname",
+                format!("{hostname} is already used by {other}"),
+            ));
+        }
         let endpoints = if s.selector.is_empty() {
             vec![]
         } else {
@@ -268,16 +296,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
         services.push(Service {
             name: s.name.clone(),
             namespace: s.namespace.clone(),
-            hostname: s
-                .hostname
-                .clone()
-                .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", s.name, s.namespace)),
+            hostname,
             addresses: s.addresses.clone(),
             ports,
             endpoints,
         });
     }
     Ok(Snapshot::new(workloads, services))
+}
+
+fn is_valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 /// Loads `path` into `store`; returns an error (and changes nothing) if it is unusable.
@@ -416,6 +453,19 @@ services:
 
         let e = err("workloads:\n  - {name: x, addresses: [198.18.0.1]}\n");
         assert!(e.contains("missing field `node`"), "{e}");
+
+        let e = err("trustDomain: 'Bad Domain'\n");
+        assert!(e.contains("top level: field trustDomain"), "{e}");
+
+        let e = err(
+            "services:\n  - {name: s, hostname: \"a\\nb\", addresses: [198.18.9.1], ports: [{port: 80}]}\n",
+        );
+        assert!(e.contains("services[0] (default/s): field hostname"), "{e}");
+
+        let e = err(
+            "services:\n  - {name: s, addresses: [198.18.9.1], ports: [{port: 80}]}\n  - {name: t, hostname: s.default.svc.cluster.local, addresses: [198.18.9.2], ports: [{port: 80}]}\n",
+        );
+        assert!(e.contains("services[1] (default/t): field hostname: s.default.svc.cluster.local is already used by services[0]"), "{e}");
     }
 
     #[test]

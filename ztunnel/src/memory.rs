@@ -23,7 +23,8 @@ pub async fn trim_after_bursts(state: Arc<ProxyState>) {
         let peak = state.peak.load(Ordering::Relaxed);
         if peak >= active + CLOSED_BEFORE_TRIM {
             state.peak.store(active, Ordering::Relaxed);
-            release_free_memory();
+            // Walking the heap can take a moment; keep it off the proxy's threads.
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
         }
     }
 }

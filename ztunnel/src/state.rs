@@ -150,16 +150,19 @@ impl Snapshot {
                     service: svc.hostname.clone(),
                     port: dst.port(),
                 })?;
-            let healthy: Vec<&Arc<Workload>> = svc
-                .endpoints
-                .iter()
-                .filter_map(|uid| self.workloads.get(uid))
-                .filter(|w| w.healthy && !w.addresses.is_empty())
-                .collect();
-            if healthy.is_empty() {
+            let healthy = || {
+                svc.endpoints
+                    .iter()
+                    .filter_map(|uid| self.workloads.get(uid))
+                    .filter(|w| w.healthy && !w.addresses.is_empty())
+            };
+            let count = healthy().count();
+            if count == 0 {
                 return Err(ResolveError::NoHealthyEndpoints(svc.hostname.clone()));
             }
-            let w = healthy[fastrand::usize(..healthy.len())];
+            let w = healthy()
+                .nth(fastrand::usize(..count))
+                .expect("the n-th of count healthy endpoints exists");
             let ip = w
                 .addresses
                 .iter()

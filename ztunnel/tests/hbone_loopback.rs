@@ -495,3 +495,84 @@ async fn connections_to_a_dead_peer_leave_the_pool() {
     let _b = mesh.ztunnel("node-b").await;
     round_trip(socks_connect(socks, mesh.ip(10), dst).await.unwrap(), 10).await;
 }
+
+#[tokio::test]
+async fn an_upstream_reset_reaches_the_client_as_a_reset_not_an_end() {
+    let t = TwoNodes::new().await;
+    // A server that reads a little, then aborts the connection (RST).
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(t.mesh.ip(20), 9090))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let mut s = t.dial(SocketAddr::new(t.mesh.ip(20), 9090)).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the reset must arrive promptly");
+    let e = r.expect_err("a reset upstream must not look like a clean end of stream");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+    still_serving(&t).await;
+}
+
+#[tokio::test]
+async fn a_draining_peer_finishes_streams_in_flight() {
+    let mesh = TestMesh::new();
+    let a = mesh.ztunnel("node-a").await;
+    let path = mesh.write("mesh.yaml", &mesh.default_yaml());
+    let mut b_cfg = mesh.config("node-b", path);
+    b_cfg.drain_timeout = Duration::from_secs(5);
+    let b = mesh.ztunnel_with(b_cfg, mesh.ca.clone()).await;
+    let _echo = echo_server(SocketAddr::new(mesh.ip(20), 8080)).await;
+    let socks = a.addrs.socks5.unwrap();
+    let dst = SocketAddr::new(mesh.ip(20), 8080);
+
+    let mut held = socks_connect(socks, mesh.ip(10), dst).await.unwrap();
+    held.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    held.read_exact(&mut buf).await.unwrap();
+
+    // B starts draining: it sends GOAWAY and stops accepting.
+    let draining = tokio::spawn(b.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A new connection meanwhile must not disturb the one in flight.
+    let _ = socks_connect(socks, mesh.ip(10), dst).await;
+
+    held.write_all(b"during").await.unwrap();
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    held.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, EOF_MARKER);
+    tokio::time::timeout(Duration::from_secs(3), draining)
+        .await
+        .expect("B finishes draining once its last stream is done")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_client_cannot_invent_service_labels() {
+    let t = TwoNodes::new().await;
+    let cert = issue(&t.mesh.ca, &id("client"));
+    let server = SocketAddr::new(t.mesh.ip(20), t.mesh.hbone_port);
+    let mut send = h2_connect(&cert, id("server"), server).await.unwrap();
+    let mut req = connect_req(&format!("{}:8080", t.mesh.ip(20)));
+    req.headers_mut().insert(
+        "forwarded",
+        "for=\"1.2.3.4:5\";host=made-up.example".parse().unwrap(),
+    );
+    let (s, _) = status_of(&mut send, req).await;
+    assert_eq!(s, StatusCode::OK);
+    let m = TwoNodes::metrics(&t.b).await;
+    assert!(!m.contains("made-up.example"), "{m}");
+    assert!(m.contains("destination_service=\"unknown\""), "{m}");
+}

@@ -83,6 +83,7 @@ impl Dialer {
         }
         socket.set_nodelay(true)?;
         if let Some(ip) = src_ip.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+            crate::sockets::set_bind_address_no_port(&socket)?;
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         socket.connect(addr).await
@@ -158,6 +159,13 @@ impl Drop for StreamSlot {
 }
 
 impl Conn {
+    /// Stops handing this connection out; streams already on it finish undisturbed (after a
+    /// GOAWAY the peer still serves them), and the driver ends when they do.
+    fn retire(&self) {
+        self.dead.store(true, Ordering::Release);
+    }
+
+    /// Closes the connection now, whatever is on it.
     fn kill(&self) {
         self.dead.store(true, Ordering::Release);
         if let Some(h) = self.driver.lock().expect("driver lock poisoned").take() {
@@ -174,7 +182,10 @@ impl KeyPool {
         let conn = conns
             .iter()
             .filter(|c| !c.dead.load(Ordering::Acquire))
-            .filter(|c| c.active.load(Ordering::Acquire) < max)
+            // The peer may allow fewer streams than we would open.
+            .filter(|c| {
+                c.active.load(Ordering::Acquire) < max.min(c.send.current_max_send_streams())
+            })
             .max_by_key(|c| c.active.load(Ordering::Acquire))?;
         conn.active.fetch_add(1, Ordering::AcqRel);
         *conn.idle_since.lock().expect("idle lock poisoned") = None;
@@ -209,6 +220,19 @@ impl Pool {
         key: &PoolKey,
         request: Request<()>,
     ) -> Result<PooledStream, HboneError> {
+        // One deadline for everything: a peer that accepts and never answers must not hold
+        // the caller forever.
+        let deadline = self.inner.cfg.connect_timeout + self.inner.cfg.tls_timeout;
+        tokio::time::timeout(deadline, self.open_stream(key, request))
+            .await
+            .map_err(|_| HboneError::StreamTimeout(key.addr))?
+    }
+
+    async fn open_stream(
+        &self,
+        key: &PoolKey,
+        request: Request<()>,
+    ) -> Result<PooledStream, HboneError> {
         debug_assert_eq!(request.method(), Method::CONNECT);
         let kp = self.key_pool(key);
         // One retry: a pooled connection may have received GOAWAY just before we used it.
@@ -225,7 +249,7 @@ impl Pool {
                 Ok(pair) => pair,
                 Err(e) if !retried => {
                     debug!(conn = conn.id, error = %e, "pooled connection unusable, retrying");
-                    conn.kill();
+                    conn.retire();
                     kp.remove(conn.id);
                     retried = true;
                     continue;
@@ -324,6 +348,7 @@ impl Pool {
         kp.attempts.fetch_add(1, Ordering::AcqRel);
         let conn = result?;
         conn.active.fetch_add(1, Ordering::AcqRel);
+        *conn.idle_since.lock().expect("idle lock poisoned") = None;
         kp.conns
             .lock()
             .expect("pool lock poisoned")

@@ -131,8 +131,12 @@ where
     tokio::pin!(unanswered);
     tokio::pin!(drain);
     let mut draining = false;
+    // Stream handlers live no longer than the connection that drives their I/O: dropping the
+    // set when this returns aborts any left.
+    let mut handlers = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
             next = conn.accept() => match next {
                 Some(Ok((request, respond))) => {
                     let (parts, recv) = request.into_parts();
@@ -144,7 +148,7 @@ where
                         respond,
                         recv,
                     };
-                    tokio::spawn(handler(connect));
+                    handlers.spawn(handler(connect));
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),

@@ -138,9 +138,19 @@ async fn serve(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
         warn!(%peer, %local, component = "inbound", "no local workload at this address any more");
         return;
     };
-    let cert = match state.certs.fetch(&workload.identity).await {
-        Ok(c) => c,
-        Err(e) => {
+    // Counted against the handshake time, so unauthenticated connections cannot queue up
+    // behind a slow CA.
+    let fetch = state.certs.fetch(&workload.identity);
+    let cert = match tokio::time::timeout(state.cfg.handshake_timeout, fetch).await {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            state
+                .metrics
+                .refused(Direction::inbound, RefusalReason::certificate_unavailable);
+            warn!(%peer, identity = %workload.identity, component = "inbound", "no certificate in time to serve HBONE");
+            return;
+        }
+        Ok(Err(e)) => {
             state
                 .metrics
                 .refused(Direction::inbound, RefusalReason::certificate_unavailable);
@@ -261,6 +271,12 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         .workload_by_ip(connect.peer_addr.ip())
         .filter(|w| w.identity == connect.peer_identity)
         .cloned();
+    // The service named by the client, only if it really fronts this workload: the header is
+    // peer input and becomes a metric label.
+    let service = forwarded_host(&connect.request)
+        .and_then(|h| snap.service_by_host(&h))
+        .filter(|s| s.endpoints.contains(&dst.uid))
+        .map(|s| s.hostname.clone());
     drop(snap);
 
     let upstream = state.dialer.connect(target, None);
@@ -299,7 +315,7 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
             identity: Some(dst.identity.to_string()),
             workload: Some(dst),
         },
-        forwarded_host(&connect.request),
+        service,
         true,
     )
     .client_on_tunnel_side();

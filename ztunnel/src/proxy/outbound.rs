@@ -258,29 +258,42 @@ fn traceparent() -> String {
     format!("00-{trace:032x}-{span:016x}-01")
 }
 
-/// Plain TCP relay with the same half-close semantics as the HBONE copy.
+/// Plain TCP relay with the same half-close semantics as the HBONE copy; bytes are counted as
+/// they move, so a connection that ends in a reset still reports what it carried.
 pub(crate) async fn copy_plain(
     a: TcpStream,
     b: TcpStream,
     bytes: &mesh_core::hbone::ByteCounters,
 ) -> Result<(), String> {
-    use std::sync::atomic::Ordering;
-    let (mut ar, mut aw) = a.into_split();
-    let (mut br, mut bw) = b.into_split();
-    let up = async {
-        let n = tokio::io::copy(&mut ar, &mut bw).await?;
-        bytes.sent.fetch_add(n, Ordering::Relaxed);
-        tokio::io::AsyncWriteExt::shutdown(&mut bw).await
-    };
-    let down = async {
-        let n = tokio::io::copy(&mut br, &mut aw).await?;
-        bytes.received.fetch_add(n, Ordering::Relaxed);
-        tokio::io::AsyncWriteExt::shutdown(&mut aw).await
-    };
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let up = pump(ar, bw, &bytes.sent);
+    let down = pump(br, aw, &bytes.received);
     tokio::try_join!(up, down)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
+
+/// One direction of a plain relay: read, write, count, until EOF; then pass the FIN on.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    counter: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; PLAIN_BUFFER];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Buffer per direction of a plain relay.
+const PLAIN_BUFFER: usize = 16 * 1024;
 
 fn is_same_listener(listener: SocketAddr, dst: SocketAddr) -> bool {
     listener.port() == dst.port()

@@ -1,0 +1,29 @@
+//! Socket options the standard library and socket2 do not cover.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT`: binding a source address then defers choosing the port to
+/// `connect`, which can reuse a port for different destinations. Without it, every bind reserves
+/// a port outright and busy clients run out of ports (or crawl searching for one) long before
+/// the four-tuple space is used.
+#[allow(unsafe_code)]
+pub fn set_bind_address_no_port(socket: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is valid for the lifetime of `socket`; `one` is a live c_int and its exact
+    // size is passed, so the kernel reads only within it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
