@@ -311,16 +311,19 @@ mod tests {
     #[tokio::test]
     async fn rotates_before_expiry_and_keeps_old_cert_when_ca_fails() {
         let src = counting();
-        let mgr = CertManager::new(src.clone(), Duration::from_secs(3));
+        // X.509 times have whole seconds, so a certificate may end up to 1 s early.
+        let mgr = CertManager::new(src.clone(), Duration::from_secs(8));
         let first = mgr.fetch(&id("a")).await.unwrap();
-        // Half-life of 3 s: the refresher replaces it after ~1.5 s.
-        tokio::time::sleep(Duration::from_millis(2200)).await;
+        // Half the remaining life: the refresher replaces it after 3.5-4 s.
+        tokio::time::sleep(Duration::from_millis(4500)).await;
         let second = mgr.fetch(&id("a")).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &second), "certificate was not rotated");
         assert!(second.not_after() > first.not_after());
         // The CA goes away: the current certificate keeps being served.
+        // The next rotation (about 3.5 s later) fails; the second certificate lasts until at
+        // least 11 s.
         src.fail.store(true, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(1700)).await;
+        tokio::time::sleep(Duration::from_millis(3800)).await;
         let third = mgr.fetch(&id("a")).await.unwrap();
         assert!(Arc::ptr_eq(&second, &third));
         assert!(src.calls.load(Ordering::SeqCst) >= 3);
