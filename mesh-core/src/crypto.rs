@@ -8,6 +8,13 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::CryptoProvider;
 
+#[cfg(all(feature = "fips", feature = "ring"))]
+compile_error!(
+    "features `fips` and `ring` are exclusive: build with --no-default-features --features fips"
+);
+#[cfg(not(any(feature = "fips", feature = "ring")))]
+compile_error!("choose a crypto provider: feature `ring` (the default) or `fips`");
+
 #[cfg(all(feature = "fips", not(feature = "ring")))]
 use rustls::crypto::aws_lc_rs as backend;
 #[cfg(feature = "ring")]
