@@ -45,6 +45,8 @@ pub struct Config {
     pub cert_ttl: Duration,
     /// How long in-flight connections may finish after a shutdown request.
     pub drain_timeout: Duration,
+    /// Async worker threads; `None` is one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 impl Config {
@@ -69,6 +71,7 @@ impl Config {
             pool_idle_timeout: Duration::from_secs(300),
             cert_ttl: mesh_core::certs::DEFAULT_CERT_TTL,
             drain_timeout: Duration::from_secs(5),
+            worker_threads: None,
         }
     }
 
@@ -111,6 +114,13 @@ impl Config {
                         .with_context(|| format!("--hbone-port: {v:?} is not a port"))?;
                 }
                 "--no-mark" => cfg.socket_mark = None,
+                "--worker-threads" => {
+                    let v = value()?;
+                    let n: usize = v.parse().ok().filter(|n| *n > 0).with_context(|| {
+                        format!("--worker-threads: {v:?} is not a positive number")
+                    })?;
+                    cfg.worker_threads = Some(n);
+                }
                 "-h" | "--help" => bail!("{}", USAGE),
                 other => bail!("unknown flag {other:?}\n{USAGE}"),
             }
@@ -136,6 +146,7 @@ pub const USAGE: &str = "usage: ztunnel --node NAME --config FILE [options]
   --readiness ADDR|off        /healthz/ready (default 0.0.0.0:15021)
   --hbone-port PORT           inbound HBONE port on each local workload (default 15008)
   --no-mark                   do not set SO_MARK 0x539 on ztunnel's own sockets
+  --worker-threads N          async worker threads (default: one per CPU)
 Environment: NODE_NAME, LOCAL_XDS_PATH, DEV_CA_DIR, RUST_LOG, LOG_FORMAT=json";
 
 #[cfg(test)]

@@ -18,7 +18,11 @@ fn main() -> anyhow::Result<()> {
         Ok(n) => info!(limit = n, "open file limit"),
         Err(e) => warn!(error = %e, "could not raise the open file limit"),
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.worker_threads {
+        runtime.worker_threads(n);
+    }
+    runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?
