@@ -12,16 +12,8 @@ use super::{ProxyState, orig_dst, reset};
 use crate::metrics::{ConnectionRecord, Direction, Peer, RefusalReason, Reporter};
 
 pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) {
-    let dst = match orig_dst::original_dst(&client) {
-        Ok(Some(dst)) => dst,
-        Ok(None) => {
-            warn!(%peer, component = "inbound_plaintext", "connection was not redirected; no original destination");
-            return reset(client);
-        }
-        Err(e) => {
-            warn!(%peer, error = %e, component = "inbound_plaintext", "reading original destination failed");
-            return reset(client);
-        }
+    let Some(dst) = orig_dst::redirected_dst(&client, peer, "inbound_plaintext") else {
+        return reset(client);
     };
     let (dst_workload, src_workload) = {
         let snap = state.store.snapshot();

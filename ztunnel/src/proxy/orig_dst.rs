@@ -9,6 +9,26 @@ use tokio::net::TcpStream;
 /// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST` share this number.
 const SO_ORIGINAL_DST: libc::c_int = 80;
 
+/// The destination a redirected connection was headed for; logs why and returns `None` when
+/// there is none (the caller resets the connection).
+pub fn redirected_dst(
+    stream: &TcpStream,
+    peer: SocketAddr,
+    component: &'static str,
+) -> Option<SocketAddr> {
+    match original_dst(stream) {
+        Ok(Some(dst)) => Some(dst),
+        Ok(None) => {
+            tracing::warn!(%peer, component, "connection was not redirected; no original destination");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, component, "reading original destination failed");
+            None
+        }
+    }
+}
+
 /// The pre-redirection destination of `stream`, or `None` if it was not redirected.
 pub fn original_dst(stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
     let local = stream.local_addr()?;

@@ -83,16 +83,8 @@ impl Upstream {
 
 /// Serves one connection redirected to the outbound listener.
 pub async fn serve_redirected(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) {
-    let dst = match orig_dst::original_dst(&client) {
-        Ok(Some(dst)) => dst,
-        Ok(None) => {
-            warn!(%peer, component = "outbound", "connection was not redirected; no original destination");
-            return reset(client);
-        }
-        Err(e) => {
-            warn!(%peer, error = %e, component = "outbound", "reading original destination failed");
-            return reset(client);
-        }
+    let Some(dst) = orig_dst::redirected_dst(&client, peer, "outbound") else {
+        return reset(client);
     };
     match connect(&state, peer, dst).await {
         Ok(upstream) => upstream.relay(client).await,
@@ -136,7 +128,7 @@ async fn try_connect(
         workload: Some(source.clone()),
         identity: Some(source.identity.to_string()),
     };
-    match destination {
+    let (link, dst_peer, service, mtls) = match destination {
         Destination::Workload {
             workload,
             addr,
@@ -159,68 +151,51 @@ async fn try_connect(
                     HboneError::Cert(c) => OutboundError::Cert(c),
                     error => OutboundError::Hbone { dst: addr, error },
                 })?;
-            let record = ConnectionRecord::open(
-                &state.metrics,
-                Reporter::source,
-                Direction::outbound,
-                src_peer,
-                Peer {
-                    addr: Some(addr),
-                    identity: Some(workload.identity.to_string()),
-                    workload: Some(workload),
-                },
-                service_host,
-                true,
-            );
-            Ok(Upstream {
-                link: Link::Hbone(pooled),
-                record,
-            })
+            let peer = Peer {
+                addr: Some(addr),
+                identity: Some(workload.identity.to_string()),
+                workload: Some(workload),
+            };
+            (Link::Hbone(pooled), peer, service_host, true)
         }
+        // A workload outside the mesh: plain TCP, still attributed to it.
         Destination::Workload {
             workload,
             addr,
             service,
         } => {
             let upstream = dial(state, addr).await?;
-            let record = ConnectionRecord::open(
-                &state.metrics,
-                Reporter::source,
-                Direction::outbound,
-                src_peer,
-                Peer {
-                    addr: Some(addr),
-                    identity: None,
-                    workload: Some(workload),
-                },
+            let peer = Peer {
+                addr: Some(addr),
+                identity: None,
+                workload: Some(workload),
+            };
+            (
+                Link::Plain(upstream),
+                peer,
                 service.map(|s| s.hostname.clone()),
                 false,
-            );
-            Ok(Upstream {
-                link: Link::Plain(upstream),
-                record,
-            })
+            )
         }
         Destination::Passthrough(addr) => {
             let upstream = dial(state, addr).await?;
-            let record = ConnectionRecord::open(
-                &state.metrics,
-                Reporter::source,
-                Direction::outbound,
-                src_peer,
-                Peer {
-                    addr: Some(addr),
-                    ..Peer::default()
-                },
-                None,
-                false,
-            );
-            Ok(Upstream {
-                link: Link::Plain(upstream),
-                record,
-            })
+            let peer = Peer {
+                addr: Some(addr),
+                ..Peer::default()
+            };
+            (Link::Plain(upstream), peer, None, false)
         }
-    }
+    };
+    let record = ConnectionRecord::open(
+        &state.metrics,
+        Reporter::source,
+        Direction::outbound,
+        src_peer,
+        dst_peer,
+        service,
+        mtls,
+    );
+    Ok(Upstream { link, record })
 }
 
 async fn dial(state: &ProxyState, dst: SocketAddr) -> Result<TcpStream, OutboundError> {

@@ -92,17 +92,7 @@ impl Netns {
         Fut: Future<Output = T>,
         T: Send + 'static,
     {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            enter(&path);
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime starts")
-                .block_on(make())
-        })
-        .join()
-        .expect("namespace thread panicked")
+        self.thread(make).join().expect("namespace thread panicked")
     }
 
     /// Like [`block_on`](Self::block_on) but in the background, for servers.
@@ -110,6 +100,15 @@ impl Netns {
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()>,
+    {
+        self.thread(make);
+    }
+
+    fn thread<F, Fut, T>(&self, make: F) -> std::thread::JoinHandle<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T>,
+        T: Send + 'static,
     {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
@@ -119,7 +118,7 @@ impl Netns {
                 .build()
                 .expect("runtime starts")
                 .block_on(make())
-        });
+        })
     }
 }
 
