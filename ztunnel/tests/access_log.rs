@@ -24,6 +24,13 @@ impl Write for Captured {
     }
 }
 
+fn logs_count(logs: &Captured) -> usize {
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    text.lines()
+        .filter(|l| l.contains("\"target\":\"access\""))
+        .count()
+}
+
 #[tokio::test]
 async fn both_sides_log_the_connection_with_identities_and_bytes() {
     let logs = Captured::default();
@@ -50,7 +57,11 @@ async fn both_sides_log_the_connection_with_identities_and_bytes() {
     let mut back = Vec::new();
     s.read_to_end(&mut back).await.unwrap();
     assert_eq!(back, [b"hello".as_slice(), EOF_MARKER].concat());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Each side logs as it finishes its part of the connection, just after the client's EOF.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while logs_count(&logs) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     let events: Vec<serde_json::Value> = text

@@ -153,12 +153,23 @@ fn captured_traffic_crosses_nodes_over_hbone() {
         let s = sock.connect(addr(SERVER, 8080)).await.unwrap();
         round_trip(s, b"plain").await;
     });
-    std::thread::sleep(Duration::from_millis(300));
-
-    let (metrics_b, metrics_a) = (
-        b.block_on(|| async { http_get(addr("127.0.0.1", 15020), "/metrics").await.1 }),
-        a.block_on(|| async { http_get(addr("127.0.0.1", 15020), "/metrics").await.1 }),
-    );
+    // Records are written as each connection closes: wait until node B has closed all four.
+    let metrics_b = b.block_on(|| async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = http_get(addr("127.0.0.1", 15020), "/metrics").await.1;
+            let closed: u64 = m
+                .lines()
+                .filter(|l| l.starts_with("istio_tcp_connections_closed_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            if closed >= 4 || Instant::now() > deadline {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let metrics_a = a.block_on(|| async { http_get(addr("127.0.0.1", 15020), "/metrics").await.1 });
     let has = |m: &str, needles: &[&str], value: &str| {
         m.lines().any(|l| {
             l.starts_with("istio_tcp_connections_opened_total")
