@@ -3,6 +3,7 @@
 #
 #   bench/run.sh hbone            # as root: two network namespaces joined by a veth pair
 #   SECONDS_PER_TEST=10 bench/run.sh hbone
+#   ZTUNNEL_ARGS="--worker-threads 1" bench/run.sh hbone
 #
 # As root, a client "node" and a server "node" are network namespaces joined by a veth pair
 # (198.18.1.1 and 198.18.1.2); the client's traffic to port 5201 is redirected by nftables into
@@ -81,7 +82,7 @@ start_zt() { # node admin-ip netns-prefix...
   local node=$1 ip=$2; shift 2
   "$@" "$zt" --node "$node" --config "$work/mesh.yaml" --dev-ca-dir "$work/ca" \
     --admin "$ip:15000" --metrics "$ip:15020" --readiness "$ip:15021" --socks5 "$ip:15080" \
-    >"$work/$node.log" 2>&1 &
+    ${ZTUNNEL_ARGS:-} >"$work/$node.log" 2>&1 &
   pids+=($!)
 }
 start_zt node-a "$admin_a" "${in_cli[@]}"; zt_a=$!
@@ -143,9 +144,9 @@ for path in direct mesh; do
 done
 sample_peak
 
-python3 - "$mode" "$secs" "$rate_secs" "$idle_a" "$idle_b" "$peak_a" "$peak_b" <<PY
+python3 - "$mode" "$secs" "$rate_secs" "$idle_a" "$idle_b" "$peak_a" "$peak_b" "${ZTUNNEL_ARGS:-}" <<PY
 import json, sys
-mode, secs, rate_secs, idle_a, idle_b, peak_a, peak_b = sys.argv[1:]
+mode, secs, rate_secs, idle_a, idle_b, peak_a, peak_b, ztargs = sys.argv[1:]
 r = {k: float(v) for k, v in {
 $(for k in "${!R[@]}"; do printf '    "%s": "%s",\n' "$k" "${R[$k]}"; done)
 }.items()}
@@ -158,7 +159,7 @@ rows = [
   ("new connections / s", d("cps"), m("cps"), f"{100*m('cps')/d('cps'):.0f}% of direct"),
   ("requests/s achieved at 1000/s", d("rps"), m("rps"), ""),
 ]
-print(f"\nmode: {mode}; {secs}s per test, {rate_secs}s at 1000 req/s")
+print(f"\nmode: {mode}; {secs}s per test, {rate_secs}s at 1000 req/s; ztunnel args: {ztargs or '(none)'}")
 print(f"{'':34} {'direct':>10} {'mesh':>10}   ")
 for name, a, b, note in rows:
     print(f"{name:34} {a:>10.1f} {b:>10.1f}   {note}")
@@ -167,6 +168,7 @@ print(f"{'':34} {m('cpu_a'):>10.3f} {m('cpu_b'):>10.3f}")
 print(f"{'ztunnel RSS idle / peak (MB)':34} {int(idle_a)/1024:>5.1f}/{int(peak_a)/1024:<4.1f} {int(idle_b)/1024:>5.1f}/{int(peak_b)/1024:<4.1f}")
 out = {
   "mode": mode,
+  "ztunnel_args": ztargs,
   "direct": {"gbps_1": d("tp1"), "gbps_8": d("tp8"), "rr_p50_us": d("p50"), "rr_p99_us": d("p99"), "conns_per_sec": d("cps")},
   "mesh": {"gbps_1": m("tp1"), "gbps_8": m("tp8"), "rr_p50_us": m("p50"), "rr_p99_us": m("p99"), "conns_per_sec": m("cps")},
   "added_p50_us": round(m("p50") - d("p50"), 1),
