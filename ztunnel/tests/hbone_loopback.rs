@@ -595,3 +595,67 @@ async fn a_client_cannot_invent_service_labels() {
     assert!(!m.contains("made-up.example"), "{m}");
     assert!(m.contains("destination_service=\"unknown\""), "{m}");
 }
+
+/// Sends raw bytes to the SOCKS5 port from the client workload's address and returns what came
+/// back before the proxy closed the connection.
+async fn raw_socks(t: &TwoNodes, bytes: &[u8]) -> Vec<u8> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(t.mesh.ip(10), 0)).unwrap();
+    let mut s = socket.connect(t.a.addrs.socks5.unwrap()).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let _ = s.shutdown().await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy must answer or close, not hang");
+    out
+}
+
+#[tokio::test]
+async fn malformed_socks_requests_are_refused_cleanly() {
+    let t = TwoNodes::new().await;
+    let vip = t.mesh.ip(200).to_string();
+    let octets: Vec<u8> = vip.split('.').map(|o| o.parse().unwrap()).collect();
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        ("SOCKS4", vec![4, 1, 0, 80, 127, 0, 0, 1, 0], vec![]),
+        ("no methods we support", vec![5, 1, 2], vec![5, 0xff]),
+        ("truncated greeting", vec![5, 3, 0], vec![]),
+        (
+            "BIND instead of CONNECT",
+            [vec![5, 1, 0, 5, 2, 0, 1], octets.clone(), vec![0, 80]].concat(),
+            vec![5, 0, 5, 7, 0, 1, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            "unknown address type",
+            vec![5, 1, 0, 5, 1, 0, 9, 1, 2, 3],
+            vec![5, 0, 5, 8, 0, 1, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            "name that is not a mesh service",
+            [
+                vec![5, 1, 0, 5, 1, 0, 3, 11],
+                b"example.com".to_vec(),
+                vec![0, 80],
+            ]
+            .concat(),
+            vec![5, 0, 5, 4, 0, 1, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            "truncated request",
+            vec![5, 1, 0, 5, 1, 0, 1, 127],
+            vec![5, 0],
+        ),
+    ];
+    for (what, request, expected) in cases {
+        assert_eq!(raw_socks(&t, &request).await, expected, "{what}");
+    }
+    // A mesh service by name works.
+    let name = b"echo.default.svc.cluster.local";
+    let mut req = vec![5, 1, 0, 5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name);
+    req.extend_from_slice(&80u16.to_be_bytes());
+    let reply = raw_socks(&t, &req).await;
+    assert_eq!(&reply[..4], &[5, 0, 5, 0], "{reply:?}");
+    assert!(reply.ends_with(EOF_MARKER), "{reply:?}");
+    still_serving(&t).await;
+}
