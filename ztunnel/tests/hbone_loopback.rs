@@ -659,3 +659,40 @@ async fn malformed_socks_requests_are_refused_cleanly() {
     assert!(reply.ends_with(EOF_MARKER), "{reply:?}");
     still_serving(&t).await;
 }
+
+#[tokio::test]
+async fn a_workload_address_that_cannot_be_bound_is_reported_and_others_still_served() {
+    let mesh = TestMesh::new();
+    // 198.18.250.1 is not configured on this host, so its listener cannot be opened. Nothing is
+    // sent to it.
+    let yaml = mesh.default_yaml().replace(
+        "services:",
+        "  - {name: ghost, node: node-b, addresses: [198.18.250.1]}\nservices:",
+    );
+    let path = mesh.write("mesh.yaml", &yaml);
+    let a = mesh
+        .ztunnel_with(mesh.config("node-a", path.clone()), mesh.ca.clone())
+        .await;
+    let b = mesh
+        .ztunnel_with(mesh.config("node-b", path), mesh.ca.clone())
+        .await;
+    let _echo = echo_server(SocketAddr::new(mesh.ip(20), 8080)).await;
+
+    let failures = b.bind_failures();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].workload, "default/ghost");
+    assert_eq!(
+        failures[0].addr,
+        SocketAddr::new("198.18.250.1".parse().unwrap(), mesh.hbone_port)
+    );
+    let (_, dump) = http_get(b.addrs.admin.unwrap(), "/config_dump").await;
+    assert!(dump.contains("198.18.250.1"), "{dump}");
+    let s = socks_connect(
+        a.addrs.socks5.unwrap(),
+        mesh.ip(10),
+        SocketAddr::new(mesh.ip(200), 80),
+    )
+    .await
+    .unwrap();
+    round_trip(s, 100).await;
+}

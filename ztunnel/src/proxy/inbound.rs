@@ -19,6 +19,8 @@ use crate::state::Protocol;
 pub struct InboundListeners {
     state: Arc<ProxyState>,
     running: Mutex<HashMap<IpAddr, Running>>,
+    /// Addresses whose bind failure was already logged: retries stay quiet until it changes.
+    reported: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 struct Running {
@@ -39,6 +41,7 @@ impl InboundListeners {
         Self {
             state,
             running: Mutex::new(HashMap::new()),
+            reported: Mutex::new(Default::default()),
         }
     }
 
@@ -71,6 +74,10 @@ impl InboundListeners {
             let addr = SocketAddr::new(ip, self.state.cfg.hbone_port);
             match bind(addr) {
                 Ok(listener) => {
+                    self.reported
+                        .lock()
+                        .expect("report set lock poisoned")
+                        .remove(&addr);
                     let task =
                         tokio::spawn(accept_loop(listener, "inbound", self.state.clone(), serve));
                     running.insert(
@@ -82,7 +89,16 @@ impl InboundListeners {
                     );
                 }
                 Err(e) => {
-                    warn!(%addr, workload, error = %e, component = "inbound", "cannot listen for HBONE");
+                    let first = self
+                        .reported
+                        .lock()
+                        .expect("report set lock poisoned")
+                        .insert(addr);
+                    if first {
+                        warn!(%addr, workload, error = %e, component = "inbound", "cannot listen for HBONE; retrying every few seconds");
+                    } else {
+                        debug!(%addr, workload, error = %e, component = "inbound", "cannot listen for HBONE");
+                    }
                     failures.push(BindFailure {
                         addr,
                         workload,
