@@ -186,6 +186,7 @@ fn config_dump(
                 "connections": p.connections.iter().map(|c| json!({
                     "id": c.id,
                     "dead": c.dead,
+                    "retired": c.retired,
                     "activeStreams": c.active_streams,
                     "idleForMs": c.idle_for_ms,
                 })).collect::<Vec<_>>(),

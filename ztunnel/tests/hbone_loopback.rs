@@ -462,7 +462,7 @@ async fn a_thousand_concurrent_connections_share_a_few_pooled_connections() {
     assert_eq!(pool.len(), 1, "one key: client → server");
     let conns = &pool[0].connections;
     let streams: usize = conns.iter().map(|c| c.active_streams).sum();
-    assert_eq!(streams, n, "every connection holds a stream");
+    assert_eq!(streams, n, "every connection holds a stream: {conns:?}");
     assert!(conns.iter().all(|c| c.active_streams <= 100));
     assert!(
         (10..=12).contains(&conns.len()),

@@ -110,6 +110,8 @@ pub struct ConnStats {
     pub id: u64,
     /// A dead connection still listed would be a bug: it is removed as its driver ends.
     pub dead: bool,
+    /// Takes no new streams (the peer sent GOAWAY); the ones on it finish.
+    pub retired: bool,
     pub active_streams: usize,
     pub idle_for_ms: Option<u64>,
 }
@@ -142,6 +144,7 @@ struct Conn {
     send: h2::client::SendRequest<Bytes>,
     active: AtomicUsize,
     dead: AtomicBool,
+    retired: AtomicBool,
     idle_since: Mutex<Option<Instant>>,
     driver: Mutex<Option<tokio::task::AbortHandle>>,
 }
@@ -162,7 +165,7 @@ impl Conn {
     /// Stops handing this connection out; streams already on it finish undisturbed (after a
     /// GOAWAY the peer still serves them), and the driver ends when they do.
     fn retire(&self) {
-        self.dead.store(true, Ordering::Release);
+        self.retired.store(true, Ordering::Release);
     }
 
     /// Closes the connection now, whatever is on it.
@@ -181,7 +184,7 @@ impl KeyPool {
         // Prefer the busiest connection that still has room, so idle ones can age out.
         let conn = conns
             .iter()
-            .filter(|c| !c.dead.load(Ordering::Acquire))
+            .filter(|c| !c.dead.load(Ordering::Acquire) && !c.retired.load(Ordering::Acquire))
             // The peer may allow fewer streams than we would open.
             .filter(|c| {
                 c.active.load(Ordering::Acquire) < max.min(c.send.current_max_send_streams())
@@ -249,8 +252,9 @@ impl Pool {
                 Ok(pair) => pair,
                 Err(e) if !retried => {
                     debug!(conn = conn.id, error = %e, "pooled connection unusable, retrying");
+                    // Still listed (its streams are in flight) but never handed out again; it
+                    // leaves the pool when its driver ends or its last stream closes.
                     conn.retire();
-                    kp.remove(conn.id);
                     retried = true;
                     continue;
                 }
@@ -304,6 +308,7 @@ impl Pool {
                     .map(|c| ConnStats {
                         id: c.id,
                         dead: c.dead.load(Ordering::Acquire),
+                        retired: c.retired.load(Ordering::Acquire),
                         active_streams: c.active.load(Ordering::Acquire),
                         idle_for_ms: c
                             .idle_since
@@ -402,6 +407,7 @@ impl Pool {
             send,
             active: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             idle_since: Mutex::new(Some(Instant::now())),
             driver: Mutex::new(None),
         });
@@ -468,12 +474,14 @@ async fn reap_idle(inner: Weak<Inner>) {
         keys.retain(|_, kp| {
             let mut conns = kp.conns.lock().expect("pool lock poisoned");
             conns.retain(|c| {
-                let idle = c.active.load(Ordering::Acquire) == 0
+                let unused = c.active.load(Ordering::Acquire) == 0;
+                let idle = unused
                     && c.idle_since
                         .lock()
                         .expect("idle lock poisoned")
                         .is_some_and(|t| now.duration_since(t) >= timeout);
-                if idle || c.dead.load(Ordering::Acquire) {
+                let drained = unused && c.retired.load(Ordering::Acquire);
+                if idle || drained || c.dead.load(Ordering::Acquire) {
                     debug!(conn = c.id, "closing idle HBONE connection");
                     c.kill();
                     false
