@@ -696,3 +696,46 @@ async fn a_workload_address_that_cannot_be_bound_is_reported_and_others_still_se
     .unwrap();
     round_trip(s, 100).await;
 }
+
+#[tokio::test]
+async fn a_client_and_server_on_the_same_node_still_talk_hbone() {
+    let mesh = TestMesh::new();
+    let yaml = mesh.default_yaml().replace(
+        "services:",
+        &format!(
+            "  - {{name: neighbour, serviceAccount: neighbour, node: node-b, addresses: [{}]}}\nservices:",
+            mesh.ip(11)
+        ),
+    );
+    let path = mesh.write("mesh.yaml", &yaml);
+    let b = mesh
+        .ztunnel_with(mesh.config("node-b", path), mesh.ca.clone())
+        .await;
+    let _echo = echo_server(SocketAddr::new(mesh.ip(20), 8080)).await;
+    let s = socks_connect(
+        b.addrs.socks5.unwrap(),
+        mesh.ip(11),
+        SocketAddr::new(mesh.ip(200), 80),
+    )
+    .await
+    .unwrap();
+    round_trip(s, 64 * 1024).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = http_get(b.addrs.metrics.unwrap(), "/metrics").await.1;
+        let seen = m.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/neighbour\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        });
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no mTLS record on the node:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
