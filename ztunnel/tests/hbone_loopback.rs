@@ -220,28 +220,37 @@ async fn still_serving(t: &TwoNodes) {
     round_trip(s, 1000).await;
 }
 
-#[tokio::test]
-async fn refuses_a_peer_from_another_root() {
-    let mesh = TestMesh::new();
-    let path = mesh.write("mesh.yaml", &mesh.default_yaml());
+/// Starts node A with the standard mesh and node B from `b_yaml` signed by `b_ca`, then asks A
+/// for a connection from the client to the server pod and returns why it was refused.
+async fn refused_by_a(
+    mesh: &TestMesh,
+    b_yaml: &str,
+    b_ca: Arc<DevCa>,
+) -> (Ztunnel, Ztunnel, String) {
+    let a_cfg = mesh.write("a.yaml", &mesh.default_yaml());
+    let b_cfg = mesh.write("b.yaml", b_yaml);
     let a = mesh
-        .ztunnel_with(mesh.config("node-a", path.clone()), mesh.ca.clone())
+        .ztunnel_with(mesh.config("node-a", a_cfg), mesh.ca.clone())
         .await;
-    let other_root = Arc::new(DevCa::generate().unwrap());
-    let b = mesh
-        .ztunnel_with(mesh.config("node-b", path), other_root.clone())
-        .await;
-    let _echo = echo_server(SocketAddr::new(mesh.ip(20), 8080)).await;
-
-    let err = ztunnel::proxy::outbound::connect(
+    let b = mesh.ztunnel_with(mesh.config("node-b", b_cfg), b_ca).await;
+    let result = ztunnel::proxy::outbound::connect(
         a.state(),
         SocketAddr::new(mesh.ip(10), 40000),
         SocketAddr::new(mesh.ip(20), 8080),
     )
-    .await
-    .err()
-    .expect("a server from another root must be refused");
-    let msg = err.to_string();
+    .await;
+    let Err(err) = result else {
+        panic!("the connection must be refused");
+    };
+    (a, b, err.to_string())
+}
+
+#[tokio::test]
+async fn refuses_a_peer_from_another_root() {
+    let mesh = TestMesh::new();
+    let other_root = Arc::new(DevCa::generate().unwrap());
+    let _echo = echo_server(SocketAddr::new(mesh.ip(20), 8080)).await;
+    let (_a, b, msg) = refused_by_a(&mesh, &mesh.default_yaml(), other_root.clone()).await;
     assert!(
         msg.contains("TLS handshake") && msg.contains("invalid peer certificate: UnknownIssuer"),
         "{msg}"
@@ -278,25 +287,13 @@ async fn refuses_a_peer_from_another_root() {
 async fn refuses_a_peer_with_the_wrong_identity() {
     let mesh = TestMesh::new();
     // A expects the server pod to run as sa/server; B actually runs it as sa/imposter.
-    let a_cfg = mesh.write("a.yaml", &mesh.default_yaml());
-    let b_cfg = mesh.write("b.yaml", &mesh.yaml_with_server_sa("imposter"));
-    let a = mesh
-        .ztunnel_with(mesh.config("node-a", a_cfg), mesh.ca.clone())
-        .await;
-    let _b = mesh
-        .ztunnel_with(mesh.config("node-b", b_cfg), mesh.ca.clone())
-        .await;
     let _echo = echo_server(SocketAddr::new(mesh.ip(20), 8080)).await;
-
-    let err = ztunnel::proxy::outbound::connect(
-        a.state(),
-        SocketAddr::new(mesh.ip(10), 40000),
-        SocketAddr::new(mesh.ip(20), 8080),
+    let (a, _b, msg) = refused_by_a(
+        &mesh,
+        &mesh.yaml_with_server_sa("imposter"),
+        mesh.ca.clone(),
     )
-    .await
-    .err()
-    .expect("a server with the wrong identity must be refused");
-    let msg = err.to_string();
+    .await;
     assert!(
         msg.contains("peer presented identity spiffe://cluster.local/ns/default/sa/imposter but expected spiffe://cluster.local/ns/default/sa/server"),
         "{msg}"
