@@ -1,4 +1,6 @@
-//! Compiles the .proto files with a pure-Rust compiler, so no system `protoc` is needed.
+//! Compiles the .proto files with a pure-Rust compiler, so no system `protoc` is needed, and
+//! generates the gRPC client and server stubs (without tonic's transport, which each binary
+//! chooses for itself).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
@@ -11,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let descriptors = protox::compile(files, ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .compile_fds(descriptors)?;
     Ok(())
 }

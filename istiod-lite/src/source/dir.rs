@@ -1,0 +1,355 @@
+//! A directory of ordinary Kubernetes YAML, the embedded default: every `*.yaml`/`*.yml`/`*.json`
+//! file below it (hidden files skipped), each holding any number of `---`-separated objects or
+//! `kind: List`s. Watched by polling file metadata, so it works on any filesystem; a burst of
+//! writes is read once it has settled.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tracing::{debug, info};
+
+use super::Source;
+use crate::model::{Object, ObjectError, ObjectKey};
+use crate::store::{ConfigError, Store};
+
+/// How often the directory is scanned for changes.
+pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
+/// A changed file is read once it has not changed again for this long.
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(30);
+
+pub struct DirSource {
+    dir: PathBuf,
+    poll: Duration,
+    settle: Duration,
+}
+
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+impl DirSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            poll: DEFAULT_POLL,
+            settle: DEFAULT_SETTLE,
+        }
+    }
+
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// Reads every file once. Fails only if the directory itself cannot be read.
+    pub fn load(&self, store: &Store) -> anyhow::Result<()> {
+        let files = scan(&self.dir)?;
+        for path in files.keys() {
+            load_file(path, store);
+        }
+        Ok(())
+    }
+}
+
+impl Source for DirSource {
+    fn describe(&self) -> String {
+        format!("directory {}", self.dir.display())
+    }
+
+    fn run(
+        self: Box<Self>,
+        store: Store,
+    ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> {
+        Box::pin(async move {
+            let mut known = scan(&self.dir)?;
+            for path in known.keys() {
+                load_file(path, &store);
+            }
+            info!(dir = %self.dir.display(), files = known.len(), "config directory loaded");
+            loop {
+                tokio::time::sleep(self.poll).await;
+                let mut now = match scan(&self.dir) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        // Keep serving what was read; the directory may be being replaced.
+                        debug!(error = %e, "config directory unreadable; retrying");
+                        continue;
+                    }
+                };
+                if now == known {
+                    continue;
+                }
+                // Let a burst of writes settle before reading.
+                loop {
+                    tokio::time::sleep(self.settle).await;
+                    match scan(&self.dir) {
+                        Ok(again) if again == now => break,
+                        Ok(again) => now = again,
+                        Err(_) => break,
+                    }
+                }
+                for (path, stamp) in &now {
+                    if known.get(path) != Some(stamp) {
+                        load_file(path, &store);
+                    }
+                }
+                for path in known.keys().filter(|p| !now.contains_key(*p)) {
+                    info!(file = %path.display(), "config file removed");
+                    store.replace_origin(&path.display().to_string(), vec![], &[], vec![]);
+                }
+                known = now;
+            }
+        })
+    }
+}
+
+fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Stamp>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    let mut first = true;
+    while let Some(d) = stack.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if first => {
+                return Err(anyhow::anyhow!(
+                    "reading config directory {}: {e}",
+                    d.display()
+                ));
+            }
+            Err(_) => continue,
+        };
+        first = false;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                continue;
+            }
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if [".yaml", ".yml", ".json"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                out.insert(
+                    path,
+                    Stamp {
+                        modified: meta.modified().ok(),
+                        len: meta.len(),
+                        ino: meta.ino(),
+                    },
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads one file into the store. Objects that fail to parse keep their previous version; a
+/// file that cannot be read or is not YAML at all keeps everything it had.
+fn load_file(path: &Path, store: &Store) {
+    let origin = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            store.set_errors(&origin, vec![file_error(&origin, "reading", e.to_string())]);
+            return;
+        }
+    };
+    let docs = match split_documents(&text) {
+        Ok(d) => d,
+        Err(message) => {
+            store.set_errors(&origin, vec![file_error(&origin, "YAML", message)]);
+            return;
+        }
+    };
+    let mut objects = Vec::new();
+    let mut keep = Vec::new();
+    let mut errors = Vec::new();
+    for (doc, value) in docs {
+        match Object::parse(value.clone()) {
+            Ok(o) => objects.push(o),
+            Err(error) => {
+                if let Some(key) = key_of(&value) {
+                    keep.push(key);
+                }
+                errors.push(ConfigError {
+                    origin: format!("{origin} (document {doc})"),
+                    error,
+                });
+            }
+        }
+    }
+    debug!(file = %origin, objects = objects.len(), errors = errors.len(), "config file read");
+    store.replace_origin(&origin, objects, &keep, errors);
+}
+
+fn file_error(origin: &str, field: &str, message: String) -> ConfigError {
+    ConfigError {
+        origin: origin.to_owned(),
+        error: ObjectError {
+            object: "file".into(),
+            field: field.into(),
+            message,
+        },
+    }
+}
+
+/// Splits a multi-document file into objects, numbering documents from 1 and expanding
+/// `kind: List`. Any syntax error fails the whole file, since what it holds is then unknown.
+fn split_documents(text: &str) -> Result<Vec<(usize, Value)>, String> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        match value {
+            Value::Null => {}
+            Value::Object(ref m) if m.get("kind").and_then(Value::as_str) == Some("List") => {
+                let items = m
+                    .get("items")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                out.extend(items.into_iter().map(|v| (i + 1, v)));
+            }
+            v => out.push((i + 1, v)),
+        }
+    }
+    Ok(out)
+}
+
+/// The key an unparsable object would have had, if its kind and name can be read.
+fn key_of(v: &Value) -> Option<ObjectKey> {
+    let kind_name = v.get("kind")?.as_str()?;
+    let kind = crate::model::Kind::ALL
+        .into_iter()
+        .find(|k| k.to_string() == kind_name)?;
+    let meta = v.get("metadata")?;
+    let name = meta.get("name")?.as_str()?.to_owned();
+    let namespace = if kind.is_namespaced() {
+        meta.get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_owned()
+    } else {
+        String::new()
+    };
+    Some(ObjectKey {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Kind;
+
+    fn tmpdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("istiod-dir-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const GOOD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: apps}\nspec: {nodeName: n1}\nstatus: {podIP: 198.18.0.1}\n";
+
+    #[test]
+    fn a_broken_object_keeps_its_last_good_state_and_the_rest_applies() {
+        let d = tmpdir();
+        let f = d.join("mesh.yaml");
+        std::fs::write(&f, GOOD).unwrap();
+        let store = Store::new();
+        DirSource::new(&d).load(&store).unwrap();
+        assert_eq!(store.state().objects.len(), 2);
+
+        // The pod gets a bad IP, the namespace loses its label, a Widget appears.
+        let edited = GOOD
+            .replace("198.18.0.1", "not-an-ip")
+            .replace("labels: {istio.io/dataplane-mode: ambient}", "labels: {}")
+            + "---\napiVersion: v1\nkind: Widget\nmetadata: {name: w}\n";
+        std::fs::write(&f, edited).unwrap();
+        load_file(&f, &store);
+        let st = store.state();
+        let pod = st.of_kind(Kind::Pod).next().unwrap();
+        let Object::Pod(p) = &**pod else { panic!() };
+        assert_eq!(
+            p.ips(),
+            vec!["198.18.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let ns = st.of_kind(Kind::Namespace).next().unwrap();
+        assert!(ns.metadata().labels.is_empty(), "the good edit applied");
+        let errors: Vec<String> = store.errors().iter().map(|e| e.to_string()).collect();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors[0].ends_with(
+                "mesh.yaml (document 2): Pod apps/a: field status.podIP: invalid IP address syntax"
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].contains("(document 3): Widget w: field kind: unknown kind"),
+            "{errors:?}"
+        );
+
+        // Unparsable YAML keeps the whole file as it was.
+        std::fs::write(&f, "kind: [unclosed").unwrap();
+        load_file(&f, &store);
+        assert_eq!(store.state().objects.len(), 2);
+        let errors = store.errors();
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .to_string()
+                .contains("mesh.yaml: file: field YAML: document 1:"),
+            "{}",
+            errors[0]
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn edits_and_removals_are_picked_up() {
+        let d = tmpdir();
+        std::fs::write(d.join("a.yaml"), GOOD).unwrap();
+        let store = Store::new();
+        let rx = store.subscribe();
+        let task = tokio::spawn(
+            Box::new(DirSource::new(&d).with_poll(Duration::from_millis(10))).run(store.clone()),
+        );
+        let wait = |n: usize, store: Store| async move {
+            for _ in 0..200 {
+                if store.state().objects.len() == n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("store never reached {n} objects");
+        };
+        wait(2, store.clone()).await;
+        std::fs::write(
+            d.join("b.yml"),
+            "{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: ServiceAccount, metadata: {name: sa}}]}",
+        )
+        .unwrap();
+        wait(3, store.clone()).await;
+        std::fs::remove_file(d.join("a.yaml")).unwrap();
+        wait(1, store.clone()).await;
+        assert!(rx.has_changed().unwrap());
+        task.abort();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
