@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_transport(false)
+        // Ordered maps encode to the same bytes every time, so a resource's version (a hash of
+        // its encoding) changes only when its content does.
+        .btree_map(".")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -100,6 +100,11 @@ impl Store {
             .clone()
     }
 
+    /// Runs `f` on the current state without copying it; keep `f` short, it holds the lock.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.inner.lock().expect("store lock poisoned").state)
+    }
+
     pub fn errors(&self) -> Vec<ConfigError> {
         let inner = self.inner.lock().expect("store lock poisoned");
         inner.errors.values().flatten().cloned().collect()

@@ -46,9 +46,17 @@ pub enum DevCaError {
 /// A development CA: one self-signed root that signs workload certificates.
 pub struct DevCa {
     issuer: Issuer<'static, KeyPair>,
+    /// What follows the leaf in every chain handed out: intermediates, then the root.
+    chain: Vec<String>,
     root_pem: String,
     roots: TrustRoots,
 }
+
+/// Files of an operator-provided CA (the layout Istio calls "plugged-in certs").
+pub const PLUGGED_CA_CERT: &str = "ca-cert.pem";
+pub const PLUGGED_CA_KEY: &str = "ca-key.pem";
+pub const PLUGGED_ROOT_CERT: &str = "root-cert.pem";
+pub const PLUGGED_CERT_CHAIN: &str = "cert-chain.pem";
 
 impl DevCa {
     /// A fresh CA held only in memory (tests).
@@ -76,6 +84,49 @@ impl DevCa {
             reason: e.to_string(),
         })?;
         Self::from_parts(cert_pem, key, dir)
+    }
+
+    /// Loads an operator-provided signing CA from `dir`: `ca-cert.pem` and `ca-key.pem` (the
+    /// signing certificate, often an intermediate), `root-cert.pem` (the mesh root) and,
+    /// optionally, `cert-chain.pem` (from the signing certificate up to the root). Without a
+    /// chain file the chain is the signing certificate followed by the root.
+    pub fn load_plugged(dir: &Path) -> Result<Self, DevCaError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| DevCaError::Read { path, source })
+        };
+        let invalid = |name: &str, reason: String| DevCaError::Invalid {
+            path: dir.join(name),
+            reason,
+        };
+        let ca_pem = read(PLUGGED_CA_CERT)?;
+        let key = KeyPair::from_pem(&read(PLUGGED_CA_KEY)?)
+            .map_err(|e| invalid(PLUGGED_CA_KEY, e.to_string()))?;
+        let root_pem = read(PLUGGED_ROOT_CERT)?;
+        let roots = TrustRoots::from_pem(&root_pem)
+            .map_err(|e| invalid(PLUGGED_ROOT_CERT, e.to_string()))?;
+        let chain_pem = match std::fs::read_to_string(dir.join(PLUGGED_CERT_CHAIN)) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("{ca_pem}{root_pem}"),
+            Err(source) => {
+                return Err(DevCaError::Read {
+                    path: dir.join(PLUGGED_CERT_CHAIN),
+                    source,
+                });
+            }
+        };
+        let chain = split_pem(&chain_pem);
+        if chain.is_empty() {
+            return Err(invalid(PLUGGED_CERT_CHAIN, "holds no certificate".into()));
+        }
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
+            .map_err(|e| invalid(PLUGGED_CA_CERT, e.to_string()))?;
+        Ok(Self {
+            issuer,
+            chain,
+            root_pem,
+            roots,
+        })
     }
 
     fn create(dir: &Path) -> Result<(), DevCaError> {
@@ -120,6 +171,7 @@ impl DevCa {
             Issuer::from_ca_cert_pem(&root_pem, key).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             issuer,
+            chain: vec![root_pem.clone()],
             root_pem,
             roots,
         })
@@ -164,7 +216,40 @@ impl DevCa {
         p.serial_number = Some(fastrand::u64(1..).into());
         p.use_authority_key_identifier_extension = true;
         let cert = csr.signed_by(&self.issuer)?;
-        Ok(vec![cert.pem(), self.root_pem.clone()])
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(cert.pem());
+        chain.extend(self.chain.iter().cloned());
+        Ok(chain)
+    }
+
+    /// Issues a TLS server certificate for `dns_names` (the control plane's own serving
+    /// certificate). Returns the PEM chain and the PEM private key.
+    pub fn issue_server(
+        &self,
+        dns_names: &[&str],
+        ttl: Duration,
+    ) -> Result<(Vec<String>, String), DevCaError> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(
+            dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )?;
+        let now = SystemTime::now();
+        p.not_before = (now - BACKDATE).into();
+        p.not_after = (now + ttl).into();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.serial_number = Some(fastrand::u64(1..).into());
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.issuer)?;
+        let mut chain = vec![cert.pem()];
+        chain.extend(self.chain.iter().cloned());
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// The root certificate(s), PEM, as clients should trust them.
+    pub fn roots_pem(&self) -> String {
+        self.root_pem.clone()
     }
 }
 
@@ -198,6 +283,22 @@ fn root_params() -> Result<CertificateParams, DevCaError> {
     params.not_after = (now + ROOT_LIFETIME).into();
     params.serial_number = Some(fastrand::u64(1..).into());
     Ok(params)
+}
+
+/// Splits a PEM bundle into one PEM string per certificate.
+fn split_pem(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = bundle;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(end) = rest[start..].find(END) else {
+            break;
+        };
+        let stop = start + end + END.len();
+        out.push(format!("{}\n", &rest[start..stop]));
+        rest = &rest[stop..];
+    }
+    out
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {

@@ -1,0 +1,197 @@
+//! The gRPC listeners: xDS and the CA on one HTTP/2 server, plaintext on 15010 (local use) and
+//! TLS on 15012. Requests are routed by path to the generated tonic services; tonic's own
+//! transport is not used, so the listeners, TLS and limits are ours.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::devca::DevCa;
+use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tonic::codegen::Service;
+use tracing::{debug, info, warn};
+
+use crate::ca::CaService;
+use crate::xds::AdsService;
+
+/// Where a request came from; put in each request's extensions for the services.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    /// Arrived over TLS (15012): callers must authenticate.
+    pub secure: bool,
+}
+
+/// Names on istiod-lite's serving certificate: the Kubernetes service name proxies dial.
+pub const SERVING_NAMES: [&str; 3] = ["istiod.istio-system.svc", "istiod-lite.istio-system.svc", "localhost"];
+/// Serving certificate lifetime; it is re-issued at half of it.
+const SERVING_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent connections per listener; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// The gRPC services, cheap to clone per request.
+#[derive(Clone)]
+pub struct Services {
+    pub ads: AggregatedDiscoveryServiceServer<AdsService>,
+    pub ca: Option<IstioCertificateServiceServer<CaService>>,
+}
+
+impl Services {
+    pub fn new(ads: AdsService, ca: Option<CaService>) -> Self {
+        Self {
+            // Large initial pushes are split by the server; a proxy's requests stay small.
+            ads: AggregatedDiscoveryServiceServer::new(ads)
+                .max_decoding_message_size(4 << 20)
+                .max_encoding_message_size(64 << 20),
+            ca: ca.map(IstioCertificateServiceServer::new),
+        }
+    }
+}
+
+/// Accepts connections until the task is dropped; dropping it closes every connection.
+pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, services: Services) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if conns.len() >= MAX_CONNECTIONS {
+            debug!(%addr, "connection limit reached; closing");
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let services = services.clone();
+        let acceptor = acceptor.clone();
+        conns.spawn(async move {
+            let peer = PeerInfo {
+                addr,
+                secure: acceptor.is_some(),
+            };
+            match acceptor {
+                None => serve_conn(TokioIo::new(tcp), peer, services).await,
+                Some(a) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_conn(TokioIo::new(tls), peer, services).await,
+                        Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%addr, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn serve_conn<I>(io: I, peer: PeerInfo, services: Services)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let addr = peer.addr;
+    let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        let services = services.clone();
+        async move {
+            let path = req.uri().path();
+            let resp = if path.starts_with("/envoy.service.discovery.v3.AggregatedDiscoveryService/") {
+                let mut ads = services.ads;
+                ads.call(req).await
+            } else if path.starts_with("/istio.v1.auth.IstioCertificateService/")
+                && let Some(mut ca) = services.ca
+            {
+                ca.call(req).await
+            } else {
+                Ok(tonic::Status::unimplemented(format!("no service at {path}")).into_http())
+            };
+            resp
+        }
+    });
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(1024);
+    if let Err(e) = builder.serve_connection(io, svc).await {
+        debug!(peer = %addr, error = %e, "gRPC connection ended");
+    }
+}
+
+/// A serving certificate that is re-issued before it expires.
+pub struct ServingCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServingCert")
+    }
+}
+
+impl ServingCert {
+    pub fn issue(ca: &DevCa) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(certified_key(ca)?),
+        }))
+    }
+
+    /// Re-issues at half-life, forever.
+    pub async fn rotate(self: Arc<Self>, ca: Arc<DevCa>) {
+        loop {
+            tokio::time::sleep(SERVING_TTL / 2).await;
+            match certified_key(&ca) {
+                Ok(k) => {
+                    *self.current.write().expect("serving cert lock poisoned") = k;
+                    info!("serving certificate re-issued");
+                }
+                Err(e) => warn!(error = %e, "re-issuing the serving certificate failed; retrying in a minute"),
+            }
+        }
+    }
+
+    pub fn server_config(self: &Arc<Self>) -> anyhow::Result<Arc<ServerConfig>> {
+        let mut cfg = ServerConfig::builder_with_provider(mesh_core::crypto::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().expect("serving cert lock poisoned").clone())
+    }
+}
+
+fn certified_key(ca: &DevCa) -> anyhow::Result<Arc<CertifiedKey>> {
+    let (chain, key_pem) = ca.issue_server(&SERVING_NAMES, SERVING_TTL)?;
+    let mut certs = Vec::new();
+    // The root stays out of what is sent: clients already hold it.
+    for pem in &chain[..chain.len().saturating_sub(1).max(1)] {
+        certs.extend(mesh_core::tls::parse_pem_certs(pem)?);
+    }
+    use rustls_pki_types::pem::PemObject;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("serving key: {e}"))?;
+    let signing = mesh_core::crypto::provider()
+        .key_provider
+        .load_private_key(key)?;
+    Ok(Arc::new(CertifiedKey::new(certs, signing)))
+}
