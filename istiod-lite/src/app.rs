@@ -15,7 +15,7 @@ use crate::ca::CaService;
 use crate::config::{Config, SourceConfig};
 use crate::debug::Debug;
 use crate::metrics::Metrics;
-use crate::server::{self, ServingCert, Services};
+use crate::server::{self, Services, ServingCert};
 use crate::source::Source;
 use crate::source::dir::DirSource;
 use crate::store::Store;
@@ -79,6 +79,7 @@ impl Istiod {
         let ca = Arc::new(load_ca(&cfg)?);
         let node_tokens = NodeTokens::new(&cfg.state_dir);
 
+        let mut kube_client = None;
         let (source, authenticator): (Box<dyn Source>, Arc<dyn Authenticator>) = match &cfg.source {
             SourceConfig::Directory(dir) => {
                 let src = DirSource::new(dir).with_poll(cfg.dir_poll);
@@ -87,7 +88,14 @@ impl Istiod {
                     .with_context(|| format!("reading config directory {}", dir.display()))?;
                 (Box::new(src), Arc::new(node_tokens.clone()))
             }
-            SourceConfig::Kubernetes(_) => anyhow::bail!("Kubernetes mode is wired in below"),
+            SourceConfig::Kubernetes(k) => {
+                let client = crate::kubernetes::client(k).context("connecting to Kubernetes")?;
+                kube_client = Some(client.clone());
+                (
+                    crate::kubernetes::source(&client),
+                    Arc::new(crate::kubernetes::TokenReviewer::new(client)),
+                )
+            }
         };
 
         let plaintext = bind(cfg.xds_plaintext_addr, "xDS plaintext").await?;
@@ -127,6 +135,12 @@ impl Istiod {
             cfg.max_push_delay,
         )));
 
+        if let Some(client) = kube_client {
+            tasks.push(tokio::spawn(crate::kubernetes::write_status(
+                client,
+                snapshots.clone(),
+            )));
+        }
         let ads = AdsService::new(
             snapshots.clone(),
             registry.clone(),

@@ -100,7 +100,9 @@ impl NodeTokens {
         let secret = match std::fs::read_to_string(&path) {
             Ok(s) => s.trim().to_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let secret: String = (0..4).map(|_| format!("{:016x}", fastrand::u64(..))).collect();
+                let secret: String = (0..4)
+                    .map(|_| format!("{:016x}", fastrand::u64(..)))
+                    .collect();
                 write_secret(&path, &secret)?;
                 // Another process may have won the race: use whatever is on disk.
                 std::fs::read_to_string(&path)?.trim().to_owned()
@@ -120,12 +122,15 @@ impl NodeTokens {
         if !is_node_name(node) {
             return Err(AuthError::Invalid("malformed node token".into()));
         }
-        let want = std::fs::read_to_string(self.dir.join(node))
-            .map_err(|_| AuthError::Invalid(format!("no bootstrap token was issued for node {node}")))?;
+        let want = std::fs::read_to_string(self.dir.join(node)).map_err(|_| {
+            AuthError::Invalid(format!("no bootstrap token was issued for node {node}"))
+        })?;
         if constant_time_eq(want.trim().as_bytes(), secret.as_bytes()) {
             Ok(node.to_owned())
         } else {
-            Err(AuthError::Invalid(format!("wrong bootstrap token for node {node}")))
+            Err(AuthError::Invalid(format!(
+                "wrong bootstrap token for node {node}"
+            )))
         }
     }
 }

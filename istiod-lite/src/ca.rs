@@ -109,7 +109,9 @@ impl CaService {
         if self.identity_runs_on(id, &node) {
             Ok(())
         } else {
-            Err(format!("no pod running as {id} is scheduled on node {node}"))
+            Err(format!(
+                "no pod running as {id} is scheduled on node {node}"
+            ))
         }
     }
 
@@ -138,7 +140,9 @@ impl CaService {
             state
                 .objects
                 .range(from..)
-                .take_while(|(k, _)| k.kind == crate::model::Kind::Pod && k.namespace == id.namespace())
+                .take_while(|(k, _)| {
+                    k.kind == crate::model::Kind::Pod && k.namespace == id.namespace()
+                })
                 .any(|(_, o)| match &**o {
                     Object::Pod(p) => {
                         p.spec.node_name == node
@@ -158,7 +162,10 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let token = auth::bearer(request.metadata()).map_err(|e| {
-            self.refuse(CaRefusal::unauthenticated, Status::unauthenticated(e.to_string()))
+            self.refuse(
+                CaRefusal::unauthenticated,
+                Status::unauthenticated(e.to_string()),
+            )
         })?;
         let who = self.authenticator.authenticate(token).await.map_err(|e| {
             let status = match e {
@@ -197,7 +204,9 @@ impl IstioCertificateService for CaService {
         })?;
         self.metrics.certs_issued.inc();
         info!(requester = %who, identity = %csr_id, ttl_s = ttl.as_secs(), "certificate issued");
-        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
     }
 }
 

@@ -77,7 +77,10 @@ impl Config {
         }
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
-            let mut value = || args.next().with_context(|| format!("flag {flag} needs a value"));
+            let mut value = || {
+                args.next()
+                    .with_context(|| format!("flag {flag} needs a value"))
+            };
             let addr = |v: String, flag: &str| -> anyhow::Result<Option<SocketAddr>> {
                 if v == "off" {
                     return Ok(None);
@@ -91,9 +94,12 @@ impl Config {
                 "--kubernetes" => {
                     kube.get_or_insert_with(KubeSettings::default);
                 }
-                "--kube-api" => kube.get_or_insert_with(KubeSettings::default).api_url = Some(value()?),
+                "--kube-api" => {
+                    kube.get_or_insert_with(KubeSettings::default).api_url = Some(value()?)
+                }
                 "--kube-token-file" => {
-                    kube.get_or_insert_with(KubeSettings::default).token_file = Some(value()?.into())
+                    kube.get_or_insert_with(KubeSettings::default).token_file =
+                        Some(value()?.into())
                 }
                 "--kube-ca-file" => {
                     kube.get_or_insert_with(KubeSettings::default).ca_file = Some(value()?.into())
@@ -105,8 +111,9 @@ impl Config {
                 "--debug" => cfg.debug_addr = addr(value()?, &flag)?,
                 "--trust-domain" => {
                     let td = value()?;
-                    mesh_core::SpiffeId::new(&td, "ns", "sa")
-                        .with_context(|| format!("--trust-domain: {td:?} is not a valid trust domain"))?;
+                    mesh_core::SpiffeId::new(&td, "ns", "sa").with_context(|| {
+                        format!("--trust-domain: {td:?} is not a valid trust domain")
+                    })?;
                     cfg.mesh.trust_domain = td;
                 }
                 "--cluster-id" => cfg.mesh.cluster_id = value()?,
@@ -154,7 +161,8 @@ mod tests {
 
     #[test]
     fn flags() {
-        let c = Config::from_args(args("--config-dir /x --xds-tls off --debug 127.0.0.1:1")).unwrap();
+        let c =
+            Config::from_args(args("--config-dir /x --xds-tls off --debug 127.0.0.1:1")).unwrap();
         assert!(matches!(c.source, SourceConfig::Directory(ref d) if d.as_os_str() == "/x"));
         assert_eq!(c.xds_tls_addr, None);
         assert_eq!(c.debug_addr, Some("127.0.0.1:1".parse().unwrap()));

@@ -49,7 +49,11 @@ impl Debug {
                 return if snap.version > 0 {
                     respond(StatusCode::OK, "text/plain", "ready\n")
                 } else {
-                    respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "config not translated yet\n")
+                    respond(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "config not translated yet\n",
+                    )
                 };
             }
             "/metrics" | "/stats/prometheus" => {
@@ -83,7 +87,11 @@ impl Debug {
     }
 }
 
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -132,7 +140,12 @@ pub fn config_json(snap: &Snapshot) -> Value {
             None => {}
         }
     }
-    let policies: Vec<Value> = snap.output.authorizations.values().map(policy_json).collect();
+    let policies: Vec<Value> = snap
+        .output
+        .authorizations
+        .values()
+        .map(policy_json)
+        .collect();
     json!({
         "version": snap.version,
         "workloads": workloads,
@@ -143,14 +156,21 @@ pub fn config_json(snap: &Snapshot) -> Value {
 
 fn ip(bytes: &[u8]) -> Value {
     match bytes.len() {
-        4 => Value::from(IpAddr::from(<[u8; 4]>::try_from(bytes).expect("length checked")).to_string()),
-        16 => Value::from(IpAddr::from(<[u8; 16]>::try_from(bytes).expect("length checked")).to_string()),
+        4 => Value::from(
+            IpAddr::from(<[u8; 4]>::try_from(bytes).expect("length checked")).to_string(),
+        ),
+        16 => Value::from(
+            IpAddr::from(<[u8; 16]>::try_from(bytes).expect("length checked")).to_string(),
+        ),
         _ => Value::from(format!("invalid({} bytes)", bytes.len())),
     }
 }
 
 fn waypoint_json(w: &Option<workload::GatewayAddress>) -> Value {
-    match w.as_ref().and_then(|w| w.destination.as_ref().map(|d| (d, w.hbone_mtls_port))) {
+    match w
+        .as_ref()
+        .and_then(|w| w.destination.as_ref().map(|d| (d, w.hbone_mtls_port)))
+    {
         Some((gateway_address::Destination::Hostname(h), port)) => {
             json!({"hostname": h.hostname, "namespace": h.namespace, "port": port})
         }
@@ -225,7 +245,9 @@ fn policy_json(p: &sec::Authorization) -> Value {
             .collect()
     };
     let sas = |v: &[sec::ServiceAccountMatch]| -> Vec<String> {
-        v.iter().map(|s| format!("{}/{}", s.namespace, s.service_account)).collect()
+        v.iter()
+            .map(|s| format!("{}/{}", s.namespace, s.service_account))
+            .collect()
     };
     let rules: Vec<Value> = p
         .rules
@@ -255,7 +277,8 @@ fn policy_json(p: &sec::Authorization) -> Value {
                                     put("notDestinationIps", cidrs(&m.not_destination_ips));
                                     put("serviceAccounts", sas(&m.service_accounts));
                                     put("notServiceAccounts", sas(&m.not_service_accounts));
-                                    let ports = |v: &[u32]| v.iter().map(|p| p.to_string()).collect();
+                                    let ports =
+                                        |v: &[u32]| v.iter().map(|p| p.to_string()).collect();
                                     put("destinationPorts", ports(&m.destination_ports));
                                     put("notDestinationPorts", ports(&m.not_destination_ports));
                                     Value::Object(o)
@@ -272,7 +295,11 @@ fn policy_json(p: &sec::Authorization) -> Value {
         Ok(sec::Scope::Namespace) => "Namespace",
         _ => "WorkloadSelector",
     };
-    let action = if p.action == sec::Action::Deny as i32 { "Deny" } else { "Allow" };
+    let action = if p.action == sec::Action::Deny as i32 {
+        "Deny"
+    } else {
+        "Allow"
+    };
     json!({
         "name": format!("{}/{}", p.namespace, p.name),
         "scope": scope,

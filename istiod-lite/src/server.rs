@@ -11,9 +11,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::devca::DevCa;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
 use mesh_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tonic::codegen::Service;
@@ -31,7 +31,11 @@ pub struct PeerInfo {
 }
 
 /// Names on istiod-lite's serving certificate: the Kubernetes service name proxies dial.
-pub const SERVING_NAMES: [&str; 3] = ["istiod.istio-system.svc", "istiod-lite.istio-system.svc", "localhost"];
+pub const SERVING_NAMES: [&str; 3] = [
+    "istiod.istio-system.svc",
+    "istiod-lite.istio-system.svc",
+    "localhost",
+];
 /// Serving certificate lifetime; it is re-issued at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,13 +90,11 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, servic
             };
             match acceptor {
                 None => serve_conn(TokioIo::new(tcp), peer, services).await,
-                Some(a) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
-                        Ok(Ok(tls)) => serve_conn(TokioIo::new(tls), peer, services).await,
-                        Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%addr, "TLS handshake timed out"),
-                    }
-                }
+                Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+                    Ok(Ok(tls)) => serve_conn(TokioIo::new(tls), peer, services).await,
+                    Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
+                    Err(_) => debug!(%addr, "TLS handshake timed out"),
+                },
             }
         });
     }
@@ -108,7 +110,7 @@ where
         let services = services.clone();
         async move {
             let path = req.uri().path();
-            let resp = if path.starts_with("/envoy.service.discovery.v3.AggregatedDiscoveryService/") {
+            if path.starts_with("/envoy.service.discovery.v3.AggregatedDiscoveryService/") {
                 let mut ads = services.ads;
                 ads.call(req).await
             } else if path.starts_with("/istio.v1.auth.IstioCertificateService/")
@@ -117,8 +119,7 @@ where
                 ca.call(req).await
             } else {
                 Ok(tonic::Status::unimplemented(format!("no service at {path}")).into_http())
-            };
-            resp
+            }
         }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -159,7 +160,9 @@ impl ServingCert {
                     *self.current.write().expect("serving cert lock poisoned") = k;
                     info!("serving certificate re-issued");
                 }
-                Err(e) => warn!(error = %e, "re-issuing the serving certificate failed; retrying in a minute"),
+                Err(e) => {
+                    warn!(error = %e, "re-issuing the serving certificate failed; retrying in a minute")
+                }
             }
         }
     }
@@ -176,7 +179,12 @@ impl ServingCert {
 
 impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.read().expect("serving cert lock poisoned").clone())
+        Some(
+            self.current
+                .read()
+                .expect("serving cert lock poisoned")
+                .clone(),
+        )
     }
 }
 

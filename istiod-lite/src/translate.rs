@@ -11,13 +11,12 @@ use std::sync::Arc;
 
 use mesh_proto::security::Authorization;
 use mesh_proto::workload::{
-    self, Address, GatewayAddress, NamespacedHostname, NetworkAddress, address,
-    gateway_address,
+    self, Address, GatewayAddress, NamespacedHostname, NetworkAddress, address, gateway_address,
 };
 
 use crate::model::{
-    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Gateway, Kind,
-    Namespace, Object, Pod, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_CLASS,
+    DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, Gateway, Kind, Namespace,
+    Object, Pod, USE_WAYPOINT_LABEL, USE_WAYPOINT_NAMESPACE_LABEL, WAYPOINT_CLASS,
     WAYPOINT_FOR_LABEL,
 };
 use crate::store::State;
@@ -154,7 +153,12 @@ impl<'a> Index<'a> {
         if pod.spec.host_network {
             return false;
         }
-        match pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
+        match pod
+            .metadata
+            .labels
+            .get(DATAPLANE_MODE_LABEL)
+            .map(String::as_str)
+        {
             Some(DATAPLANE_MODE_AMBIENT) => true,
             Some(DATAPLANE_MODE_NONE) => false,
             _ => {

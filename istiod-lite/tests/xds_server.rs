@@ -143,16 +143,28 @@ async fn delta_ads_pushes_changes_removals_and_resumes_from_known_versions() {
             "apps/b.apps.svc.cluster.local"
         ]
     );
-    assert!(first.resources.iter().all(|r| r.resource.as_ref().unwrap().type_url == ADDRESS_TYPE_URL));
+    assert!(
+        first
+            .resources
+            .iter()
+            .all(|r| r.resource.as_ref().unwrap().type_url == ADDRESS_TYPE_URL)
+    );
     s.ack(&first).await;
     s.subscribe(AUTHORIZATION_TYPE_URL, &[]).await;
     let authz = s.next().await;
     assert_eq!(authz.type_url, AUTHORIZATION_TYPE_URL);
-    assert!(authz.resources.is_empty(), "a new subscription is answered even when empty");
+    assert!(
+        authz.resources.is_empty(),
+        "a new subscription is answered even when empty"
+    );
     s.ack(&authz).await;
 
     // One change: only the changed pod is sent.
-    std::fs::write(dir.join("mesh.yaml"), MESH.replace("198.18.0.2", "198.18.0.3")).unwrap();
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        MESH.replace("198.18.0.2", "198.18.0.3"),
+    )
+    .unwrap();
     let delta = s.next().await;
     assert_eq!(names(&delta), vec!["Kubernetes//Pod/apps/b"]);
     assert!(delta.removed_resources.is_empty());
@@ -176,17 +188,26 @@ async fn delta_ads_pushes_changes_removals_and_resumes_from_known_versions() {
             assert!(conns.contains("\"nacks\": 1"), "{conns}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "NACK never shown: {conns}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "NACK never shown: {conns}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let metrics = http_get(debug, "/metrics").await;
-    assert!(metrics.contains("pilot_total_xds_rejects_total{type=\"address\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("pilot_total_xds_rejects_total{type=\"address\"} 1"),
+        "{metrics}"
+    );
 
     // A removal is sent as a removal.
     let without_service = MESH.split("---").take(3).collect::<Vec<_>>().join("---");
     std::fs::write(dir.join("mesh.yaml"), without_service).unwrap();
     let removal = s.next().await;
-    assert_eq!(removal.removed_resources, vec!["apps/b.apps.svc.cluster.local"]);
+    assert_eq!(
+        removal.removed_resources,
+        vec!["apps/b.apps.svc.cluster.local"]
+    );
     s.ack(&removal).await;
 
     // A reconnecting proxy says what it holds; it gets the difference only.
@@ -199,8 +220,15 @@ async fn delta_ads_pushes_changes_removals_and_resumes_from_known_versions() {
     let mut s = Stream::open(channel(&istiod).await).await;
     s.subscribe(ADDRESS_TYPE_URL, &known).await;
     let resumed = s.next().await;
-    assert_eq!(names(&resumed), vec!["Kubernetes//Pod/apps/b"], "pod a unchanged: not resent");
-    assert_eq!(resumed.removed_resources, vec!["apps/b.apps.svc.cluster.local"]);
+    assert_eq!(
+        names(&resumed),
+        vec!["Kubernetes//Pod/apps/b"],
+        "pod a unchanged: not resent"
+    );
+    assert_eq!(
+        resumed.removed_resources,
+        vec!["apps/b.apps.svc.cluster.local"]
+    );
 
     istiod.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -223,7 +251,11 @@ fn csr(id: &SpiffeId) -> String {
     csr
 }
 
-fn ca_request(id: &SpiffeId, token: Option<&str>, impersonate: bool) -> tonic::Request<IstioCertificateRequest> {
+fn ca_request(
+    id: &SpiffeId,
+    token: Option<&str>,
+    impersonate: bool,
+) -> tonic::Request<IstioCertificateRequest> {
     use prost_types::{Struct, Value, value::Kind};
     let metadata = impersonate.then(|| Struct {
         fields: [(
@@ -274,11 +306,16 @@ async fn the_ca_signs_only_for_pods_on_the_requesting_node() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(
-        err.message().contains("no pod running as spiffe://cluster.local/ns/apps/sa/sa-b is scheduled on node node-a"),
+        err.message().contains(
+            "no pod running as spiffe://cluster.local/ns/apps/sa/sa-b is scheduled on node node-a"
+        ),
         "{}",
         err.message()
     );
-    let err = ca.create_certificate(ca_request(&id_a, None, true)).await.unwrap_err();
+    let err = ca
+        .create_certificate(ca_request(&id_a, None, true))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let err = ca
         .create_certificate(ca_request(&id_a, Some("node:node-a:forged"), true))

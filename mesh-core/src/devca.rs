@@ -230,9 +230,8 @@ impl DevCa {
         ttl: Duration,
     ) -> Result<(Vec<String>, String), DevCaError> {
         let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(
-            dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        )?;
+        let mut p =
+            CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         let now = SystemTime::now();
         p.not_before = (now - BACKDATE).into();
         p.not_after = (now + ttl).into();

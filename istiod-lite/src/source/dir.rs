@@ -1,7 +1,8 @@
 //! A directory of ordinary Kubernetes YAML, the embedded default: every `*.yaml`/`*.yml`/`*.json`
 //! file below it (hidden files skipped), each holding any number of `---`-separated objects or
-//! `kind: List`s. Watched by polling file metadata, so it works on any filesystem; a burst of
-//! writes is read once it has settled.
+//! `kind: List`s. Changes are noticed through inotify as they happen; a slow poll of file
+//! metadata backs it up (and replaces it on filesystems without inotify). A burst of writes is
+//! read once it has settled.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,10 +18,10 @@ use super::Source;
 use crate::model::{Object, ObjectError, ObjectKey};
 use crate::store::{ConfigError, Store};
 
-/// How often the directory is scanned for changes.
-pub const DEFAULT_POLL: Duration = Duration::from_millis(100);
+/// How often the directory is scanned for changes inotify did not report.
+pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
 /// A changed file is read once it has not changed again for this long.
-pub const DEFAULT_SETTLE: Duration = Duration::from_millis(30);
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(10);
 
 pub struct DirSource {
     dir: PathBuf,
@@ -75,8 +76,11 @@ impl Source for DirSource {
                 load_file(path, &store);
             }
             info!(dir = %self.dir.display(), files = known.len(), "config directory loaded");
+            let (tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
+            let _watcher = watch_events(&self.dir, tx);
             loop {
-                tokio::time::sleep(self.poll).await;
+                // Whichever comes first: an inotify event or the poll.
+                let _ = tokio::time::timeout(self.poll, events.recv()).await;
                 let mut now = match scan(&self.dir) {
                     Ok(n) => n,
                     Err(e) => {
@@ -110,6 +114,31 @@ impl Source for DirSource {
             }
         })
     }
+}
+
+/// Starts inotify on `dir`; each event wakes the watch loop. `None` (logged) if the
+/// filesystem does not support it: polling alone then notices changes.
+fn watch_events(
+    dir: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let handler = move |_event: notify::Result<notify::Event>| {
+        // A full channel already holds a wake-up: nothing is lost.
+        let _ = tx.try_send(());
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            info!(error = %e, "inotify unavailable; polling the config directory");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, notify::RecursiveMode::Recursive) {
+        info!(error = %e, "cannot watch the config directory; polling it");
+        return None;
+    }
+    Some(watcher)
 }
 
 fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Stamp>> {

@@ -59,7 +59,12 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
                 continue;
             }
         };
-        let scope = if p.spec.selector.as_ref().is_some_and(|s| !s.match_labels.is_empty()) {
+        let scope = if p
+            .spec
+            .selector
+            .as_ref()
+            .is_some_and(|s| !s.match_labels.is_empty())
+        {
             Scope::WorkloadSelector
         } else if p.metadata.namespace == idx.opts.root_namespace {
             Scope::Global
@@ -122,7 +127,10 @@ fn rule(r: &PolicyRule, action: Action, ns: &str, ignored: &mut Vec<String>) -> 
     let before = ignored.len();
     let mut clauses = Vec::new();
     if !r.to.is_empty() {
-        let matches = r.to.iter().map(|t| operation(&t.operation, ignored)).collect();
+        let matches =
+            r.to.iter()
+                .map(|t| operation(&t.operation, ignored))
+                .collect();
         clauses.push(Clause { matches });
     }
     if !r.from.is_empty() {
@@ -234,7 +242,10 @@ fn strings(v: &[String]) -> Vec<StringMatch> {
 
 /// Ports were validated when the object was read; anything else is skipped.
 fn ports(v: &[String]) -> Vec<u32> {
-    v.iter().filter_map(|p| p.parse::<u16>().ok()).map(u32::from).collect()
+    v.iter()
+        .filter_map(|p| p.parse::<u16>().ok())
+        .map(u32::from)
+        .collect()
 }
 
 fn cidrs(v: &[String]) -> Vec<sec::Address> {
@@ -306,7 +317,10 @@ fn peer_authentications(idx: &Index<'_>, out: &mut Output) {
             continue;
         };
         out.authorizations.insert(
-            format!("{}/{CONVERTED_PREFIX}{}", pa.metadata.namespace, pa.metadata.name),
+            format!(
+                "{}/{CONVERTED_PREFIX}{}",
+                pa.metadata.namespace, pa.metadata.name
+            ),
             Authorization {
                 name: format!("{CONVERTED_PREFIX}{}", pa.metadata.name),
                 namespace: pa.metadata.namespace.clone(),
@@ -387,7 +401,7 @@ fn namespace_mode(idx: &Index<'_>, ns: &str) -> MtlsMode {
                 .iter()
                 .filter(|p| p.metadata.namespace == ns && p.spec.selector.is_none()),
         )
-        .map(|p| mode_of(p))
+        .map(mode_of)
         .filter(|m| *m != MtlsMode::Unset)
     };
     level(ns)
@@ -403,8 +417,11 @@ fn mode_of(p: &PeerAuthentication) -> MtlsMode {
 }
 
 /// Kubernetes gives no creation time in hand-written YAML; names break the tie deterministically.
-fn oldest<'a>(it: impl Iterator<Item = &'a &'a PeerAuthentication>) -> Option<&'a PeerAuthentication> {
-    it.min_by(|a, b| a.metadata.name.cmp(&b.metadata.name)).copied()
+fn oldest<'a>(
+    it: impl Iterator<Item = &'a &'a PeerAuthentication>,
+) -> Option<&'a PeerAuthentication> {
+    it.min_by(|a, b| a.metadata.name.cmp(&b.metadata.name))
+        .copied()
 }
 
 /// The PeerAuthentication-derived policies a pod refers to.
@@ -424,13 +441,18 @@ pub(super) fn peer_authentication_policies(idx: &Index<'_>, pod: &Pod) -> Vec<St
     }));
     let inherited = namespace_mode(idx, ns);
     if let Some(pa) = selecting {
-        if !pa.spec.port_level_mtls.is_empty() && port_level_rules(idx, pa, Some(inherited)).is_some()
+        if !pa.spec.port_level_mtls.is_empty()
+            && port_level_rules(idx, pa, Some(inherited)).is_some()
         {
             // Its own policy already encodes the workload's mode, exceptions included.
             return vec![format!("{ns}/{CONVERTED_PREFIX}{}", pa.metadata.name)];
         }
         let own = mode_of(pa);
-        let effective = if own == MtlsMode::Unset { inherited } else { own };
+        let effective = if own == MtlsMode::Unset {
+            inherited
+        } else {
+            own
+        };
         return strict_ref(effective, root);
     }
     strict_ref(inherited, root)

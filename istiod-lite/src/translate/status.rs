@@ -32,7 +32,13 @@ pub struct Condition {
     pub observed_generation: i64,
 }
 
-fn condition(type_: &'static str, ok: bool, reason: &str, message: impl Into<String>, generation: i64) -> Condition {
+fn condition(
+    type_: &'static str,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: i64,
+) -> Condition {
     Condition {
         type_,
         status: if ok { "True" } else { "False" },
@@ -42,7 +48,13 @@ fn condition(type_: &'static str, ok: bool, reason: &str, message: impl Into<Str
     }
 }
 
-pub(super) fn policy_status(object: &str, generation: i64, ok: bool, reason: &str, message: String) -> ObjectStatus {
+pub(super) fn policy_status(
+    object: &str,
+    generation: i64,
+    ok: bool,
+    reason: &str,
+    message: String,
+) -> ObjectStatus {
     let (ns, name) = object
         .trim_start_matches("AuthorizationPolicy ")
         .split_once('/')
@@ -99,13 +111,21 @@ pub(super) fn compute(idx: &Index<'_>, out: &mut Output) {
                 format!("waiting for the waypoint's Service {ns}/{name}"),
                 generation,
             ),
-            Some(s) if !s.spec.ports.iter().any(|p| p.port as u32 == WAYPOINT_HBONE_PORT) => condition(
-                "Programmed",
-                false,
-                "AddressNotUsable",
-                format!("Service {ns}/{name} has no port {WAYPOINT_HBONE_PORT}"),
-                generation,
-            ),
+            Some(s)
+                if !s
+                    .spec
+                    .ports
+                    .iter()
+                    .any(|p| p.port as u32 == WAYPOINT_HBONE_PORT) =>
+            {
+                condition(
+                    "Programmed",
+                    false,
+                    "AddressNotUsable",
+                    format!("Service {ns}/{name} has no port {WAYPOINT_HBONE_PORT}"),
+                    generation,
+                )
+            }
             Some(s) => {
                 for ip in s.cluster_ips() {
                     addresses.insert(0, json!({"type": "IPAddress", "value": ip.to_string()}));
@@ -113,7 +133,9 @@ pub(super) fn compute(idx: &Index<'_>, out: &mut Output) {
                 let ready = s.spec.selector.as_ref().is_some_and(|sel| {
                     !sel.is_empty()
                         && idx.pods_by_ns.get(ns).into_iter().flatten().any(|p| {
-                            super::labels_match(sel, &p.metadata.labels) && p.is_ready() && !p.ips().is_empty()
+                            super::labels_match(sel, &p.metadata.labels)
+                                && p.is_ready()
+                                && !p.ips().is_empty()
                         })
                 });
                 if ready {
@@ -136,7 +158,13 @@ pub(super) fn compute(idx: &Index<'_>, out: &mut Output) {
             }
         };
         let conditions = vec![
-            condition("Accepted", true, "Accepted", "resource accepted", generation),
+            condition(
+                "Accepted",
+                true,
+                "Accepted",
+                "resource accepted",
+                generation,
+            ),
             programmed,
         ];
         out.statuses.push(ObjectStatus {
@@ -300,5 +328,11 @@ fn resolved_refs(idx: &Index<'_>, route: &Route, generation: i64) -> Condition {
             }
         }
     }
-    condition("ResolvedRefs", true, "ResolvedRefs", "All references resolved", generation)
+    condition(
+        "ResolvedRefs",
+        true,
+        "ResolvedRefs",
+        "All references resolved",
+        generation,
+    )
 }

@@ -93,7 +93,10 @@ fn pods_become_workloads_enrolled_by_namespace_label() {
     assert_eq!(echo.canonical_name, "echo");
     assert_eq!(echo.canonical_revision, "v2");
     assert_eq!(echo.workload_name, "echo");
-    assert_eq!(echo.workload_type, workload::WorkloadType::Deployment as i32);
+    assert_eq!(
+        echo.workload_type,
+        workload::WorkloadType::Deployment as i32
+    );
     assert_eq!(echo.status, WorkloadStatus::Healthy as i32);
     assert_eq!(echo.cluster_id, "Kubernetes");
 
@@ -146,10 +149,7 @@ fn services_map_ports_and_pods_resolve_named_target_ports() {
 
 #[test]
 fn removing_the_namespace_label_turns_workloads_back_to_plain_tcp() {
-    let out = run(&MESH.replace(
-        "labels: {istio.io/dataplane-mode: ambient}",
-        "labels: {}",
-    ));
+    let out = run(&MESH.replace("labels: {istio.io/dataplane-mode: ambient}", "labels: {}"));
     let echo = workload(&out, "apps", "echo-7d9f-abcde");
     assert_eq!(echo.tunnel_protocol, TunnelProtocol::None as i32);
 }
@@ -298,16 +298,17 @@ spec: {{}}
     let p = authz(&out, "istio-system/mesh-deny");
     assert_eq!(p.scope, Scope::Global as i32);
     assert_eq!(p.action, Action::Deny as i32);
-    assert_eq!(
-        p.rules[0].clauses[0].matches[0].source_ips[0].length,
-        24
-    );
+    assert_eq!(p.rules[0].clauses[0].matches[0].source_ips[0].length, 24);
 
     let p = authz(&out, "apps/echo-allow");
     assert_eq!(p.scope, Scope::WorkloadSelector as i32);
     assert_eq!(p.action, Action::Allow as i32);
     let clauses = &p.rules[0].clauses;
-    assert_eq!(clauses.len(), 3, "to, from and one per when: all must match");
+    assert_eq!(
+        clauses.len(),
+        3,
+        "to, from and one per when: all must match"
+    );
     assert_eq!(clauses[0].matches[0].destination_ports, vec![8080]);
     let from = &clauses[1].matches[0];
     assert_eq!(
@@ -372,12 +373,7 @@ spec: {action: AUDIT, rules: [{}]}
     assert_eq!(p.rules.len(), 1);
     assert_eq!(p.rules[0].clauses[0].matches[0].destination_ports, vec![80]);
     let status = |name: &str| {
-        out.statuses
-            .iter()
-            .find(|s| s.name == name)
-            .unwrap()
-            .status["conditions"][0]
-            .clone()
+        out.statuses.iter().find(|s| s.name == name).unwrap().status["conditions"][0].clone()
     };
     assert_eq!(status("allow-get")["reason"], "UnsupportedValue");
     assert!(
@@ -431,7 +427,11 @@ spec:
   portLevelMtls: {{'9090': {{mode: PERMISSIVE}}}}
 "
     ));
-    assert!(workload(&out, "legacy", "old").authorization_policies.is_empty());
+    assert!(
+        workload(&out, "legacy", "old")
+            .authorization_policies
+            .is_empty()
+    );
     let echo = workload(&out, "apps", "echo-7d9f-abcde");
     assert_eq!(
         echo.authorization_policies,
@@ -481,10 +481,16 @@ spec:
     let r = st("r");
     assert_eq!(r["parents"][0]["conditions"][0]["status"], "True");
     assert_eq!(r["parents"][0]["conditions"][1]["reason"], "ResolvedRefs");
-    assert_eq!(r["parents"][1]["conditions"][0]["reason"], "NoMatchingParent");
+    assert_eq!(
+        r["parents"][1]["conditions"][0]["reason"],
+        "NoMatchingParent"
+    );
     let b = st("broken");
     assert_eq!(b["parents"][0]["conditions"][1]["status"], "False");
-    assert_eq!(b["parents"][0]["conditions"][1]["reason"], "BackendNotFound");
+    assert_eq!(
+        b["parents"][0]["conditions"][1]["reason"],
+        "BackendNotFound"
+    );
 }
 
 #[test]

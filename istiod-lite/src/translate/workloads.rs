@@ -6,12 +6,8 @@ use mesh_proto::workload::{
     self, AppProtocol, PortList, TunnelProtocol, WorkloadStatus, WorkloadType,
 };
 
-use super::{
-    Index, Output, labels_match, network_address, service_address, workload_address,
-};
-use crate::model::{
-    EndpointSlice, IntOrString, Pod, SERVICE_NAME_LABEL, Service, ServicePort,
-};
+use super::{Index, Output, labels_match, network_address, service_address, workload_address};
+use crate::model::{EndpointSlice, IntOrString, Pod, SERVICE_NAME_LABEL, Service, ServicePort};
 
 pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
     // Services first: pods need their hostnames and ports.
@@ -60,8 +56,7 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
     }
 
     // Membership of selector-less services comes from EndpointSlices naming pods.
-    let mut slice_members: HashMap<(&str, &str), Vec<(&Service, &EndpointSlice)>> =
-        HashMap::new();
+    let mut slice_members: HashMap<(&str, &str), Vec<(&Service, &EndpointSlice)>> = HashMap::new();
     for slice in &idx.slices {
         let ns = slice.metadata.namespace.as_str();
         let Some(svc_name) = slice.metadata.labels.get(SERVICE_NAME_LABEL) else {
@@ -171,7 +166,11 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
                 Err(e) => {
                     // Only a label on the pod itself is worth a warning: a namespace-wide
                     // waypoint for services is normal and simply does not apply to workloads.
-                    if pod.metadata.labels.contains_key(crate::model::USE_WAYPOINT_LABEL) {
+                    if pod
+                        .metadata
+                        .labels
+                        .contains_key(crate::model::USE_WAYPOINT_LABEL)
+                    {
                         out.warnings.push(format!("Pod {ns}/{name}: {e}"));
                     }
                     None
@@ -200,7 +199,12 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
             .get(ns)
             .into_iter()
             .flatten()
-            .chain(policies_by_ns.get(idx.opts.root_namespace.as_str()).into_iter().flatten())
+            .chain(
+                policies_by_ns
+                    .get(idx.opts.root_namespace.as_str())
+                    .into_iter()
+                    .flatten(),
+            )
             .filter(|(selector, _)| labels_match(selector, labels))
             .map(|(_, name)| name.clone())
             .chain(super::policy::peer_authentication_policies(idx, pod))
@@ -242,8 +246,11 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
     }
 }
 
-/// Selector-scoped policies per namespace: (selector, `ns/name`), sorted by name.
-fn policies_by_namespace(idx: &Index<'_>) -> HashMap<String, Vec<(BTreeMap<String, String>, String)>> {
+/// A selector-scoped policy: its selector and `ns/name`.
+type SelectorPolicy = (BTreeMap<String, String>, String);
+
+/// Selector-scoped policies per namespace, sorted by name.
+fn policies_by_namespace(idx: &Index<'_>) -> HashMap<String, Vec<SelectorPolicy>> {
     let mut out: HashMap<String, Vec<_>> = HashMap::new();
     for p in &idx.policies {
         let Some(sel) = &p.spec.selector else {
@@ -253,9 +260,10 @@ fn policies_by_namespace(idx: &Index<'_>) -> HashMap<String, Vec<(BTreeMap<Strin
             continue;
         }
         let ns = &p.metadata.namespace;
-        out.entry(ns.clone())
-            .or_default()
-            .push((sel.match_labels.clone(), format!("{ns}/{}", p.metadata.name)));
+        out.entry(ns.clone()).or_default().push((
+            sel.match_labels.clone(),
+            format!("{ns}/{}", p.metadata.name),
+        ));
     }
     for v in out.values_mut() {
         v.sort_by(|a, b| a.1.cmp(&b.1));

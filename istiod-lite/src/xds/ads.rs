@@ -63,7 +63,8 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
         // On the TLS port every stream authenticates; the plaintext port is for local use.
-        let authenticated_as = match (&self.authenticator, peer.as_ref().is_some_and(|p| p.secure)) {
+        let authenticated_as = match (&self.authenticator, peer.as_ref().is_some_and(|p| p.secure))
+        {
             (Some(a), true) => {
                 let token = auth::bearer(request.metadata())
                     .map_err(|e| Status::unauthenticated(e.to_string()))?;

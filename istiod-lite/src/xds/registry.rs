@@ -50,7 +50,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn add(&self, peer: Option<SocketAddr>, authenticated_as: Option<String>) -> Arc<Mutex<SubscriberStatus>> {
+    pub fn add(
+        &self,
+        peer: Option<SocketAddr>,
+        authenticated_as: Option<String>,
+    ) -> Arc<Mutex<SubscriberStatus>> {
         let id = {
             let mut n = self.next_id.lock().expect("registry lock poisoned");
             *n += 1;
@@ -94,7 +98,10 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.subscribers.lock().expect("registry lock poisoned").len()
+        self.subscribers
+            .lock()
+            .expect("registry lock poisoned")
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -105,7 +112,10 @@ impl Registry {
 mod time_opt {
     use std::time::SystemTime;
 
-    pub fn serialize<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match t {
             None => s.serialize_none(),
             Some(t) => {
