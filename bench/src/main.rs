@@ -20,6 +20,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout, timeout_at};
 
+mod xds;
+
 const USAGE: &str = "\
 meshbench: whole-system TCP benchmark (direct or through a SOCKS5 proxy)
 
@@ -29,6 +31,14 @@ USAGE:
   meshbench latency    --target ADDR [--size B] [COMMON]
   meshbench connrate   --target ADDR [--concurrency C] [COMMON]
   meshbench rate       --target ADDR [--rps R] [--size B] [--connections K] [COMMON]
+  meshbench gen-mesh   --dir DIR [--pods N] [--services N] [--policies N] [--nodes N] [--namespaces N]
+  meshbench xds-scale  --xds URL --dir DIR --expect-addresses N --expect-authorizations N
+                       [--subscribers N] [--changes N]
+
+gen-mesh writes a mesh as Kubernetes YAML (defaults 10000 pods, 2000 services, 500 policies,
+50 nodes, 50 namespaces) and prints the resource counts to expect. xds-scale connects delta
+ADS subscribers to istiod-lite reading DIR, times the full initial push, then rewrites one
+pod --changes times and times each change until every subscriber has it.
 
 COMMON:
   --seconds F     measurement duration in seconds (default 5, at most 3600)
@@ -278,6 +288,47 @@ fn run(args: &[String]) -> Result<()> {
             let size = f.bounded("size", 1024, 1, MAX_REQUEST as u64)? as usize;
             let conns = f.bounded("connections", 10, 1, MAX_PARALLEL as u64)? as usize;
             rt()?.block_on(rate(&c, rps, size, conns))?
+        }
+        "gen-mesh" => {
+            let f = Flags::parse(
+                cmd,
+                rest,
+                &["dir", "pods", "services", "policies", "nodes", "namespaces"],
+                &[],
+            )?;
+            let size = xds::MeshSize {
+                pods: f.bounded("pods", 10_000, 1, 100_000)? as usize,
+                services: f.bounded("services", 2_000, 1, 50_000)? as usize,
+                policies: f.bounded("policies", 500, 0, 50_000)? as usize,
+                nodes: f.bounded("nodes", 50, 1, 10_000)? as usize,
+                namespaces: f.bounded("namespaces", 50, 1, 1_000)? as usize,
+            };
+            let dir: std::path::PathBuf = f.required("dir")?;
+            xds::gen_mesh(&dir, &size)?
+        }
+        "xds-scale" => {
+            let f = Flags::parse(
+                cmd,
+                rest,
+                &[
+                    "xds",
+                    "dir",
+                    "subscribers",
+                    "changes",
+                    "expect-addresses",
+                    "expect-authorizations",
+                ],
+                &[],
+            )?;
+            let args = xds::ScaleArgs {
+                xds: f.required("xds")?,
+                dir: f.required("dir")?,
+                subscribers: f.bounded("subscribers", 50, 1, 10_000)? as usize,
+                changes: f.bounded("changes", 50, 1, 10_000)? as usize,
+                expect_addresses: f.required("expect-addresses")?,
+                expect_authorizations: f.required("expect-authorizations")?,
+            };
+            rt()?.block_on(xds::xds_scale(args))?
         }
         other => return Err(usage_err(format!("unknown subcommand {other:?}"))),
     };

@@ -110,11 +110,8 @@ impl Istiod {
 
         // The first snapshot is built before anything is served, so the first proxy to
         // connect gets the whole config rather than an empty one.
-        let first = {
-            let state = store.state();
-            let output = crate::translate::translate(&state, &cfg.mesh);
-            Snapshot::build(output, &Snapshot::default())
-        };
+        let mut builder = xds::SnapshotBuilder::new(cfg.mesh.clone());
+        let first = builder.build(&store.state(), &Snapshot::default());
         let (publish, snapshots) = watch::channel(Arc::new(first));
         let mut tasks = Vec::new();
         {
@@ -129,6 +126,7 @@ impl Istiod {
         tasks.push(tokio::spawn(xds::run_builder(
             store.clone(),
             cfg.mesh.clone(),
+            builder,
             publish,
             metrics.clone(),
             cfg.debounce,

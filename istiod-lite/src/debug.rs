@@ -68,10 +68,10 @@ impl Debug {
                 "proxies": self.registry.list(),
             }),
             "/debug/config" => config_json(&snap),
-            "/debug/status" => json!({"version": snap.version, "status": snap.output.statuses}),
+            "/debug/status" => json!({"version": snap.version, "status": snap.statuses}),
             "/debug/errors" => json!({
                 "errors": self.store.errors(),
-                "warnings": snap.output.warnings,
+                "warnings": snap.warnings,
             }),
             _ => {
                 return respond(
@@ -133,7 +133,12 @@ pub async fn serve(listener: TcpListener, debug: Debug) {
 pub fn config_json(snap: &Snapshot) -> Value {
     let mut workloads = Vec::new();
     let mut services = Vec::new();
-    for (name, a) in &snap.output.addresses {
+    use prost::Message;
+    let empty = Default::default();
+    for (name, r) in snap.of_type(mesh_proto::ADDRESS_TYPE_URL).unwrap_or(&empty) {
+        let Ok(a) = workload::Address::decode(r.body.as_slice()) else {
+            continue;
+        };
         match &a.r#type {
             Some(address::Type::Workload(w)) => workloads.push(workload_json(w)),
             Some(address::Type::Service(s)) => services.push(service_json(name, s)),
@@ -141,10 +146,11 @@ pub fn config_json(snap: &Snapshot) -> Value {
         }
     }
     let policies: Vec<Value> = snap
-        .output
-        .authorizations
+        .of_type(mesh_proto::AUTHORIZATION_TYPE_URL)
+        .unwrap_or(&empty)
         .values()
-        .map(policy_json)
+        .filter_map(|r| sec::Authorization::decode(r.body.as_slice()).ok())
+        .map(|p| policy_json(&p))
         .collect();
     json!({
         "version": snap.version,

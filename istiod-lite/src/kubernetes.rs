@@ -95,7 +95,7 @@ pub async fn write_status(client: KubeClient, mut snapshots: watch::Receiver<Arc
     let mut written: HashMap<ObjectKey, Value> = HashMap::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
-        for s in &snap.output.statuses {
+        for s in &snap.statuses {
             let key = ObjectKey {
                 kind: s.kind,
                 namespace: s.namespace.clone(),

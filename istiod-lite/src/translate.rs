@@ -75,6 +75,20 @@ pub fn translate(state: &State, opts: &MeshOptions) -> Output {
     out
 }
 
+/// Only the status of Gateways and routes (which may refer across namespaces).
+pub fn gateway_and_route_status(state: &State, opts: &MeshOptions) -> Vec<ObjectStatus> {
+    let has_any = state.of_kind(Kind::Gateway).next().is_some()
+        || state.of_kind(Kind::HTTPRoute).next().is_some()
+        || state.of_kind(Kind::GRPCRoute).next().is_some();
+    if !has_any {
+        return vec![];
+    }
+    let idx = Index::new(state, opts);
+    let mut out = Output::default();
+    status::compute(&idx, &mut out);
+    out.statuses
+}
+
 /// The state, indexed for translation.
 pub(crate) struct Index<'a> {
     pub opts: &'a MeshOptions,

@@ -12,12 +12,14 @@ use tracing::{debug, info};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::translate::{self, MeshOptions, Output};
+use crate::translate::{MeshOptions, ObjectStatus, Output};
 
 pub mod ads;
+pub mod builder;
 pub mod registry;
 
 pub use ads::AdsService;
+pub use builder::SnapshotBuilder;
 pub use registry::{Registry, SubscriberStatus};
 
 /// The type URLs served, in the order a new subscriber is sent them.
@@ -37,7 +39,16 @@ pub struct Resource {
     pub name: String,
     /// A hash of the encoding: equal versions mean equal bytes.
     pub version: String,
+    /// The same hash as a number, for cheap comparison.
+    pub hash: u64,
     pub body: Vec<u8>,
+}
+
+/// What changed in one type since the previous snapshot.
+#[derive(Debug, Default)]
+pub struct Delta {
+    pub changed: Vec<Arc<Resource>>,
+    pub removed: Vec<String>,
 }
 
 /// Everything every proxy should hold, by type URL and name.
@@ -46,8 +57,12 @@ pub struct Snapshot {
     /// Increases by one per rebuilt snapshot.
     pub version: u64,
     pub resources: BTreeMap<&'static str, BTreeMap<String, Arc<Resource>>>,
-    /// The translation this snapshot came from (status, warnings, decoded resources).
-    pub output: Arc<Output>,
+    /// Per type, the change from snapshot `version - 1`: a proxy that holds that one is sent
+    /// only this, without comparing everything.
+    pub deltas: BTreeMap<&'static str, Delta>,
+    /// Status of Gateways, routes and policies computed with this config.
+    pub statuses: Vec<ObjectStatus>,
+    pub warnings: Vec<String>,
     pub built_at: Option<Instant>,
 }
 
@@ -56,57 +71,65 @@ impl Snapshot {
         self.resources.get(type_url)
     }
 
-    /// Builds the next snapshot from a translation, reusing `prev`'s resources that did not
-    /// change so unchanged resources cost no memory twice.
+    /// Builds the next snapshot from a translation. Resources whose encoding did not change
+    /// are shared with `prev` (and keep their version without being hashed again).
     pub fn build(output: Output, prev: &Snapshot) -> Snapshot {
         let mut resources = BTreeMap::new();
-        let encoded = |type_url: &'static str, items: Vec<(String, Vec<u8>)>| {
-            let old = prev.resources.get(type_url);
-            items
+        let mut deltas = BTreeMap::new();
+        let mut encode = |type_url: &'static str, items: Vec<(String, Vec<u8>)>| {
+            let empty = BTreeMap::new();
+            let old = prev.resources.get(type_url).unwrap_or(&empty);
+            let mut delta = Delta::default();
+            let now: BTreeMap<String, Arc<Resource>> = items
                 .into_iter()
                 .map(|(name, body)| {
-                    let version = format!("{:016x}", fnv1a(&body));
-                    let reuse = old
-                        .and_then(|o| o.get(&name))
-                        .filter(|r| r.version == version && r.body == body)
-                        .cloned();
-                    let r = reuse.unwrap_or_else(|| {
-                        Arc::new(Resource {
-                            name: name.clone(),
-                            version,
-                            body,
-                        })
-                    });
+                    let r = match old.get(&name) {
+                        Some(r) if r.body == body => r.clone(),
+                        _ => {
+                            let hash = fnv1a(&body);
+                            let r = Arc::new(Resource {
+                                name: name.clone(),
+                                version: format!("{hash:016x}"),
+                                hash,
+                                body,
+                            });
+                            delta.changed.push(r.clone());
+                            r
+                        }
+                    };
                     (name, r)
                 })
-                .collect::<BTreeMap<_, _>>()
+                .collect();
+            delta.removed = old
+                .keys()
+                .filter(|k| !now.contains_key(*k))
+                .cloned()
+                .collect();
+            resources.insert(type_url, now);
+            deltas.insert(type_url, delta);
         };
-        resources.insert(
+        encode(
             mesh_proto::ADDRESS_TYPE_URL,
-            encoded(
-                mesh_proto::ADDRESS_TYPE_URL,
-                output
-                    .addresses
-                    .iter()
-                    .map(|(n, a)| (n.clone(), a.encode_to_vec()))
-                    .collect(),
-            ),
+            output
+                .addresses
+                .iter()
+                .map(|(n, a)| (n.clone(), a.encode_to_vec()))
+                .collect(),
         );
-        resources.insert(
+        encode(
             mesh_proto::AUTHORIZATION_TYPE_URL,
-            encoded(
-                mesh_proto::AUTHORIZATION_TYPE_URL,
-                output
-                    .authorizations
-                    .iter()
-                    .map(|(n, a)| (n.clone(), a.encode_to_vec()))
-                    .collect(),
-            ),
+            output
+                .authorizations
+                .iter()
+                .map(|(n, a)| (n.clone(), a.encode_to_vec()))
+                .collect(),
         );
         Snapshot {
             version: prev.version + 1,
             resources,
-            output: Arc::new(output),
+            deltas,
+            statuses: output.statuses,
+            warnings: output.warnings,
             built_at: Some(Instant::now()),
         }
     }
@@ -128,12 +151,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 pub async fn run_builder(
     store: Store,
     opts: MeshOptions,
+    initial: SnapshotBuilder,
     publish: watch::Sender<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     debounce: Duration,
     max_delay: Duration,
 ) {
     let mut changes = store.subscribe();
+    let mut builder = Some(initial);
     loop {
         if changes.changed().await.is_err() {
             return;
@@ -150,18 +175,22 @@ pub async fn run_builder(
         let state = store.state();
         let errors = store.errors().len();
         let prev = publish.borrow().clone();
-        let opts = opts.clone();
         let started = Instant::now();
+        let Some(mut b) = builder.take() else {
+            return;
+        };
         let built = tokio::task::spawn_blocking(move || {
-            let output = translate::translate(&state, &opts);
-            Snapshot::build(output, &prev)
+            let next = b.build(&state, &prev);
+            (b, next)
         })
         .await;
-        let Ok(next) = built else {
-            // Translation never panics on input; if it did, keep serving the last snapshot.
+        let Ok((b, next)) = built else {
+            // Translation never panics on input; if it did, start over from scratch.
             tracing::error!("translation failed; keeping the previous config");
+            builder = Some(SnapshotBuilder::new(opts.clone()));
             continue;
         };
+        builder = Some(b);
         metrics.config_errors.set(errors as i64);
         metrics
             .translate_seconds
@@ -184,7 +213,9 @@ pub async fn run_builder(
                 "initial config translated"
             );
         }
-        publish.send_replace(Arc::new(next));
+        let old = publish.send_replace(Arc::new(next));
+        // Freeing a large snapshot takes a while: not on an async worker.
+        tokio::task::spawn_blocking(move || drop(old));
     }
 }
 

@@ -104,7 +104,7 @@ pub fn admin_handler(
             quit.notify_one();
             respond(StatusCode::OK, "text/plain", "shutting down\n")
         }
-        (&Method::GET, "/healthz/ready") => ready(),
+        (&Method::GET, "/healthz/ready") => ready(&state),
         (&Method::GET, "/") => respond(
             StatusCode::OK,
             "text/plain",
@@ -127,17 +127,29 @@ pub fn metrics_handler(
     }
 }
 
-pub fn readiness_handler()
--> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
+pub fn readiness_handler(
+    state: Arc<ProxyState>,
+) -> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
     move |_, path| match path {
-        "/healthz/ready" => ready(),
+        "/healthz/ready" => ready(&state),
         _ => not_found(path),
     }
 }
 
-/// Readiness is only served once start-up finished: config loaded, listeners bound.
-fn ready() -> Response<Body> {
-    respond(StatusCode::OK, "text/plain", "ready\n")
+/// Readiness is only served once start-up finished: config loaded, listeners bound. Following
+/// istiod-lite, it also waits until every xDS type has been ACKed once.
+fn ready(state: &ProxyState) -> Response<Body> {
+    match &state.xds {
+        Some(xds) if !xds.is_ready() => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!(
+                "not ready: waiting for the first xDS push of {}\n",
+                xds.waiting_for().join(", ")
+            ),
+        ),
+        _ => respond(StatusCode::OK, "text/plain", "ready\n"),
+    }
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -156,6 +168,8 @@ fn config_dump(
     workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
     let mut services: Vec<_> = snap.services().collect();
     services.sort_by(|a, b| (&a.namespace, &a.hostname).cmp(&(&b.namespace, &b.hostname)));
+    let mut policies: Vec<_> = snap.policies().collect();
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut local: Vec<_> = snap
         .local_workloads(&state.cfg.node_name)
         .map(|w| w.uid.clone())
@@ -197,6 +211,7 @@ fn config_dump(
         "node": state.cfg.node_name,
         "workloads": workloads,
         "services": services,
+        "policies": policies,
         "localWorkloads": local,
         "certificates": certificates,
         "pool": pool,
@@ -205,5 +220,6 @@ fn config_dump(
             "bindFailures": *failures.lock().expect("failure list lock poisoned"),
         },
         "activeConnections": state.active_connections(),
+        "xds": state.xds.as_ref().map(|x| x.dump()),
     })
 }

@@ -6,19 +6,24 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_core::certs::{CertManager, CertSource};
+use mesh_core::devca::DevCa;
 use mesh_core::hbone::{Dialer, Pool, PoolConfig};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::admin;
-use crate::config::Config;
+use crate::ca_client::CaClient;
+use crate::config::{Config, ControlPlaneAddr, MeshSource};
+use crate::grpc;
 use crate::local;
 use crate::metrics::Metrics;
 use crate::proxy::inbound::{BindFailure, InboundListeners};
 use crate::proxy::{self, Phase, ProxyState, accept_loop};
 use crate::state::Store;
+use crate::xds::{XdsClient, XdsStatus};
 
 /// How often listeners that failed to bind are tried again.
 const BIND_RETRY: Duration = Duration::from_secs(5);
@@ -32,6 +37,12 @@ pub struct Addrs {
     pub admin: Option<SocketAddr>,
     pub metrics: Option<SocketAddr>,
     pub readiness: Option<SocketAddr>,
+}
+
+/// Where this ztunnel's mesh config comes from, once started.
+enum Source {
+    Local(std::path::PathBuf),
+    Xds(ControlPlaneAddr, Channel, XdsStatus),
 }
 
 /// A running ztunnel.
@@ -55,12 +66,64 @@ async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<Tcp
     }
 }
 
+/// Where workload certificates come from: istiod-lite's CA when a CA (or xDS) address is
+/// configured, else the development CA (standalone mode).
+pub fn cert_source(cfg: &Config) -> anyhow::Result<Arc<dyn CertSource>> {
+    if let Some(addr) = &cfg.ca_address {
+        let ca = CaClient::new(cfg, addr)
+            .with_context(|| format!("setting up the CA client for {addr}"))?;
+        info!(%addr, "certificates from istiod-lite's CA");
+        return Ok(Arc::new(ca));
+    }
+    let ca_dir = cfg
+        .dev_ca_dir
+        .clone()
+        .context("standalone mode needs a development CA directory (--dev-ca-dir)")?;
+    let ca = DevCa::load_or_create(&ca_dir)
+        .with_context(|| format!("loading the development CA from {}", ca_dir.display()))?;
+    warn!(dir = %ca_dir.display(), "using the development CA: certificates are signed with a local key, not by the mesh CA");
+    Ok(Arc::new(ca))
+}
+
+/// What to do after the mesh config changed (a reloaded file or an xDS update): follow the
+/// local workloads with the inbound listeners, and stop rotating certificates no local
+/// workload needs any more.
+fn on_change_hook(
+    inbound: Arc<InboundListeners>,
+    failures: Arc<Mutex<Vec<BindFailure>>>,
+    certs: CertManager,
+    store: Store,
+    node: String,
+) -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(move || {
+        *failures.lock().expect("failure list lock poisoned") = inbound.reconcile();
+        let snap = store.snapshot();
+        let wanted: std::collections::HashSet<_> = snap
+            .local_workloads(&node)
+            .map(|w| w.identity.clone())
+            .collect();
+        certs.retain(|id| wanted.contains(id));
+    })
+}
+
 impl Ztunnel {
-    /// Loads the mesh config, binds every listener and starts serving. Fails (with the reason)
-    /// if the config is unusable or a listener cannot be bound.
+    /// Loads the mesh config (standalone) or starts following istiod-lite, binds every
+    /// listener and starts serving. Fails (with the reason) if the config is unusable or a
+    /// listener cannot be bound. Following istiod-lite, readiness waits for the first push.
     pub async fn start(cfg: Config, ca: Arc<dyn CertSource>) -> anyhow::Result<Self> {
         let store = Store::default();
-        local::load(&cfg.local_config, &store).context("loading the mesh config")?;
+        let source = match &cfg.mesh {
+            MeshSource::Local(path) => {
+                local::load(path, &store).context("loading the mesh config")?;
+                Source::Local(path.clone())
+            }
+            MeshSource::Xds(addr) => {
+                let channel =
+                    grpc::channel_from_config(addr, cfg.xds_root_cert.as_deref(), cfg.socket_mark)
+                        .with_context(|| format!("setting up the xDS client for {addr}"))?;
+                Source::Xds(addr.clone(), channel, XdsStatus::new(addr))
+            }
+        };
         let metrics = Metrics::new();
         let certs = CertManager::new(ca, cfg.cert_ttl);
         let dialer = Dialer {
@@ -104,12 +167,14 @@ impl Ztunnel {
         .flatten()
         .collect();
 
-        let config_poll = cfg.config_poll;
-        let config_path = cfg.local_config.clone();
         let node = cfg.node_name.clone();
         let (phase, phase_rx) = watch::channel(Phase::Serving);
         let state = Arc::new(ProxyState {
             cfg,
+            xds: match &source {
+                Source::Xds(_, _, status) => Some(status.clone()),
+                Source::Local(_) => None,
+            },
             store: store.clone(),
             certs: certs.clone(),
             pool,
@@ -167,31 +232,39 @@ impl Ztunnel {
                 l,
                 "readiness",
                 state.clone(),
-                admin::readiness_handler(),
+                admin::readiness_handler(state.clone()),
             )));
         }
-        {
-            let inbound = inbound.clone();
-            let failures = failures.clone();
-            let certs = certs.clone();
-            let store_for_change = store.clone();
-            let on_change = move || {
-                *failures.lock().expect("failure list lock poisoned") = inbound.reconcile();
-                // Stop rotating certificates no local workload needs any more.
-                let snap = store_for_change.snapshot();
-                let wanted: std::collections::HashSet<_> = snap
-                    .local_workloads(&node)
-                    .map(|w| w.identity.clone())
-                    .collect();
-                certs.retain(|id| wanted.contains(id));
-            };
-            tasks.push(tokio::spawn(local::watch(
-                config_path,
-                store,
-                config_poll,
-                metrics.config_reload_errors.clone(),
-                on_change,
-            )));
+        let on_change = on_change_hook(
+            inbound.clone(),
+            failures.clone(),
+            certs.clone(),
+            store.clone(),
+            node,
+        );
+        match source {
+            Source::Local(path) => {
+                tasks.push(tokio::spawn(local::watch(
+                    path,
+                    store,
+                    state.cfg.config_poll,
+                    metrics.config_reload_errors.clone(),
+                    move || on_change(),
+                )));
+            }
+            Source::Xds(addr, channel, status) => {
+                let client = XdsClient::new(
+                    &state.cfg,
+                    &addr,
+                    channel,
+                    store,
+                    metrics.clone(),
+                    status,
+                    on_change,
+                );
+                info!(%addr, "following istiod-lite");
+                tasks.push(tokio::spawn(client.run()));
+            }
         }
         tasks.push(tokio::spawn(crate::memory::trim_after_bursts(
             state.clone(),
@@ -214,7 +287,12 @@ impl Ztunnel {
                 }
             }));
         }
-        info!(node = %state.cfg.node_name, "ztunnel ready");
+        match &state.xds {
+            None => info!(node = %state.cfg.node_name, "ztunnel ready"),
+            Some(_) => {
+                info!(node = %state.cfg.node_name, "ztunnel started; ready once istiod-lite's first push is applied")
+            }
+        }
         Ok(Self {
             addrs,
             state,
@@ -232,6 +310,11 @@ impl Ztunnel {
 
     pub fn state(&self) -> &Arc<ProxyState> {
         &self.state
+    }
+
+    /// The xDS client's status, when following istiod-lite.
+    pub fn xds_status(&self) -> Option<&XdsStatus> {
+        self.state.xds.as_ref()
     }
 
     /// Addresses of the per-workload inbound HBONE listeners.

@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod app;
+pub mod ca_client;
 pub mod config;
+pub mod grpc;
 pub mod local;
 pub mod memory;
 pub mod metrics;
@@ -11,6 +13,7 @@ pub mod proxy;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod xds;
 
 pub use app::Ztunnel;
 pub use config::Config;

@@ -211,6 +211,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
                 .or_else(|| w.labels.get("version").cloned())
                 .unwrap_or_else(|| "latest".into()),
             healthy: w.healthy,
+            waypoint: None,
+            authorization_policies: Vec::new(),
+            services: BTreeMap::new(),
         });
     }
 
@@ -300,6 +303,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
             addresses: s.addresses.clone(),
             ports,
             endpoints,
+            waypoint: None,
         });
     }
     Ok(Snapshot::new(workloads, services))

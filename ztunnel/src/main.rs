@@ -1,7 +1,4 @@
-use std::sync::Arc;
-
 use anyhow::Context;
-use mesh_core::devca::DevCa;
 use tracing::{info, warn};
 use ztunnel::{Config, Ztunnel};
 
@@ -30,14 +27,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
-    let ca_dir = cfg
-        .dev_ca_dir
-        .clone()
-        .context("standalone mode needs a development CA directory (--dev-ca-dir)")?;
-    let ca = DevCa::load_or_create(&ca_dir)
-        .with_context(|| format!("loading the development CA from {}", ca_dir.display()))?;
-    warn!(dir = %ca_dir.display(), "using the development CA: certificates are signed with a local key, not by the mesh CA");
-    let zt = Ztunnel::start(cfg, Arc::new(ca)).await?;
+    let ca = ztunnel::app::cert_source(&cfg)?;
+    let zt = Ztunnel::start(cfg, ca).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

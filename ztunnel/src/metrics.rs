@@ -12,6 +12,7 @@ use mesh_core::hbone::ByteCounters;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
@@ -74,6 +75,27 @@ pub enum Direction {
     outbound,
 }
 
+/// Why an xDS stream to istiod-lite ended (or never started); bounded, so it can be a label.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum XdsTermination {
+    /// istiod-lite could not be reached.
+    connect_failed,
+    /// istiod-lite answered the stream with an error (bad token, not authorized, ...).
+    refused,
+    /// The stream broke after it was established.
+    stream_error,
+    /// istiod-lite ended the stream.
+    stream_closed,
+    /// The bearer token could not be read or sent.
+    token_unreadable,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsTerminationLabels {
+    pub reason: XdsTermination,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     opened: Family<TcpLabels, Counter>,
@@ -82,6 +104,13 @@ pub struct Metrics {
     received: Family<TcpLabels, Counter>,
     refused: Family<RefusalLabels, Counter>,
     pub config_reload_errors: Counter,
+    /// xDS responses answered with a NACK.
+    pub xds_nacks: Counter,
+    /// Attempts to reopen the xDS stream after one ended or failed to open.
+    pub xds_reconnects: Counter,
+    /// 1 while an xDS stream to istiod-lite is established.
+    pub xds_connected: Gauge,
+    xds_terminations: Family<XdsTerminationLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -124,6 +153,30 @@ impl Metrics {
             "Mesh config reloads rejected (the last good config stays in force)",
             config_reload_errors.clone(),
         );
+        let xds_nacks = Counter::default();
+        let xds_reconnects = Counter::default();
+        let xds_connected = Gauge::default();
+        let xds_terminations = Family::<XdsTerminationLabels, Counter>::default();
+        registry.register(
+            "ztunnel_xds_nacks_sent",
+            "xDS responses rejected in whole or part (NACKed); the valid resources were applied",
+            xds_nacks.clone(),
+        );
+        registry.register(
+            "ztunnel_xds_reconnects",
+            "Attempts to reopen the xDS stream to istiod-lite after one ended or could not be opened",
+            xds_reconnects.clone(),
+        );
+        registry.register(
+            "ztunnel_xds_connected",
+            "1 while an xDS stream to istiod-lite is established",
+            xds_connected.clone(),
+        );
+        registry.register(
+            "ztunnel_xds_connection_terminations",
+            "xDS streams that ended or could not be opened, by reason",
+            xds_terminations.clone(),
+        );
         Self {
             opened,
             closed,
@@ -131,8 +184,18 @@ impl Metrics {
             received,
             refused,
             config_reload_errors,
+            xds_nacks,
+            xds_reconnects,
+            xds_connected,
+            xds_terminations,
             registry: Arc::new(registry),
         }
+    }
+
+    pub fn xds_terminated(&self, reason: XdsTermination) {
+        self.xds_terminations
+            .get_or_create(&XdsTerminationLabels { reason })
+            .inc();
     }
 
     /// The Prometheus text exposition.

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::state::Store;
+use crate::xds::XdsStatus;
 
 pub mod inbound;
 pub mod inbound_plaintext;
@@ -32,6 +33,8 @@ pub enum Phase {
 /// Everything a connection handler needs, shared by all of them.
 pub struct ProxyState {
     pub cfg: Config,
+    /// The xDS client's status when following istiod-lite; `None` standalone.
+    pub xds: Option<XdsStatus>,
     pub store: Store,
     pub certs: CertManager,
     pub pool: Pool,

@@ -1,10 +1,15 @@
-//! What ztunnel knows about the mesh: workloads and services, indexed for the data path.
+//! What ztunnel knows about the mesh: workloads, services and authorization policies, indexed
+//! for the data path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use mesh_core::SpiffeId;
+
+pub mod policy;
+
+pub use policy::Authorization;
 
 /// How traffic to a workload is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -31,13 +36,58 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub healthy: bool,
+    /// The waypoint traffic to this workload goes through, if any.
+    pub waypoint: Option<GatewayAddress>,
+    /// `namespace/name` of the policies that apply to this workload by selector.
+    pub authorization_policies: Vec<String>,
+    /// `namespace/hostname` of each service this workload backs, with its ports as resolved
+    /// for this workload (a named target port differs from pod to pod). Empty in standalone
+    /// mode, where services list their endpoints.
+    pub services: BTreeMap<String, Vec<ServicePort>>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+impl Workload {
+    /// The port this workload listens on for `service_port` of `service` (`namespace/hostname`),
+    /// if the control plane resolved one.
+    pub fn target_port(&self, service: &str, service_port: u16) -> Option<u16> {
+        self.services
+            .get(service)?
+            .iter()
+            .find(|p| p.port == service_port && p.target_port != 0)
+            .map(|p| p.target_port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     pub port: u16,
+    /// 0 when the service names its target port: then each endpoint says which port it is.
     pub target_port: u16,
+}
+
+/// A waypoint (or other HBONE gateway) and the port it takes HBONE on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    #[serde(flatten)]
+    pub destination: GatewayDestination,
+    pub hbone_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GatewayDestination {
+    /// A service, by namespace and hostname.
+    Hostname(NamespacedHostname),
+    /// A workload or service address.
+    Address(IpAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NamespacedHostname {
+    pub namespace: String,
+    pub hostname: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -50,14 +100,25 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// Uids of the workloads behind the service.
     pub endpoints: Vec<String>,
+    pub waypoint: Option<GatewayAddress>,
 }
 
 impl Service {
+    /// The service's own target port for `port` (the port itself when the service names its
+    /// target port by name), or `None` if the service does not expose `port`.
     pub fn target_port(&self, port: u16) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.port == port)
-            .map(|p| p.target_port)
+        self.ports.iter().find(|p| p.port == port).map(|p| {
+            if p.target_port == 0 {
+                port
+            } else {
+                p.target_port
+            }
+        })
+    }
+
+    /// How workloads and xDS name this service: `namespace/hostname`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
     }
 }
 
@@ -73,6 +134,8 @@ pub struct Snapshot {
     services: HashMap<String, Arc<Service>>,
     services_by_vip: HashMap<IpAddr, Arc<Service>>,
     services_by_host: HashMap<String, Arc<Service>>,
+    /// By `namespace/name`.
+    policies: HashMap<String, Arc<Authorization>>,
 }
 
 /// Where an outbound connection goes.
@@ -99,6 +162,14 @@ pub enum ResolveError {
 
 impl Snapshot {
     pub fn new(workloads: Vec<Workload>, services: Vec<Service>) -> Self {
+        Self::with_policies(workloads, services, Vec::new())
+    }
+
+    pub fn with_policies(
+        workloads: Vec<Workload>,
+        services: Vec<Service>,
+        policies: Vec<Authorization>,
+    ) -> Self {
         let mut s = Snapshot::default();
         for w in workloads {
             let w = Arc::new(w);
@@ -113,8 +184,11 @@ impl Snapshot {
                 s.services_by_vip.insert(*ip, svc.clone());
             }
             s.services_by_host.insert(svc.hostname.clone(), svc.clone());
-            s.services
-                .insert(format!("{}/{}", svc.namespace, svc.hostname), svc);
+            s.services.insert(svc.key(), svc);
+        }
+        for p in policies {
+            s.policies
+                .insert(format!("{}/{}", p.namespace, p.name), Arc::new(p));
         }
         s
     }
@@ -135,16 +209,22 @@ impl Snapshot {
         self.services.values()
     }
 
+    /// Authorization policies, held for enforcement (not enforced yet).
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
+        self.policies.values()
+    }
+
     /// Workloads running on `node`.
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
         self.workloads.values().filter(move |w| w.node == node)
     }
 
     /// Resolves an original destination: service VIP first, then workload address, else
-    /// passthrough.
+    /// passthrough. Behind a VIP the target port is the endpoint's own for the service when the
+    /// control plane resolved one (named target ports differ per pod), else the service's.
     pub fn resolve(&self, dst: SocketAddr) -> Result<Destination, ResolveError> {
         if let Some(svc) = self.services_by_vip.get(&dst.ip()) {
-            let target_port = svc
+            let service_target = svc
                 .target_port(dst.port())
                 .ok_or(ResolveError::UnknownPort {
                     service: svc.hostname.clone(),
@@ -168,6 +248,9 @@ impl Snapshot {
                 .iter()
                 .find(|a| a.is_ipv4() == dst.is_ipv4())
                 .unwrap_or(&w.addresses[0]);
+            let target_port = w
+                .target_port(&svc.key(), dst.port())
+                .unwrap_or(service_target);
             return Ok(Destination::Workload {
                 workload: w.clone(),
                 addr: SocketAddr::new(*ip, target_port),
@@ -219,6 +302,9 @@ mod tests {
             canonical_name: uid.into(),
             canonical_revision: "latest".into(),
             healthy,
+            waypoint: None,
+            authorization_policies: vec![],
+            services: BTreeMap::new(),
         }
     }
 
@@ -235,6 +321,7 @@ mod tests {
                     target_port: 8080,
                 }],
                 endpoints: vec!["a".into(), "b".into()],
+                waypoint: None,
             }],
         )
     }
@@ -280,5 +367,55 @@ mod tests {
             s.resolve("198.18.9.9:9".parse().unwrap()).unwrap(),
             Destination::Passthrough(_)
         ));
+    }
+
+    #[test]
+    fn endpoint_port_mapping_wins_over_the_service_target_port() {
+        let key = "default/echo.default.svc.cluster.local";
+        let mut a = wl("a", "198.18.1.1", true);
+        a.services.insert(
+            key.into(),
+            vec![
+                ServicePort {
+                    port: 80,
+                    target_port: 9090,
+                },
+                ServicePort {
+                    port: 81,
+                    target_port: 0,
+                },
+            ],
+        );
+        let svc = Service {
+            name: "echo".into(),
+            namespace: "default".into(),
+            hostname: "echo.default.svc.cluster.local".into(),
+            addresses: vec!["198.18.200.1".parse().unwrap()],
+            ports: vec![
+                ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                },
+                ServicePort {
+                    port: 81,
+                    target_port: 8081,
+                },
+                ServicePort {
+                    port: 82,
+                    target_port: 0,
+                },
+            ],
+            endpoints: vec!["a".into()],
+            waypoint: None,
+        };
+        let s = Snapshot::new(vec![a], vec![svc]);
+        let port = |p: u16| match s.resolve(SocketAddr::new("198.18.200.1".parse().unwrap(), p)) {
+            Ok(Destination::Workload { addr, .. }) => addr.port(),
+            other => panic!("unexpected {other:?}"),
+        };
+        // The pod's own mapping; 0 there falls back to the service's; 0 there to the port.
+        assert_eq!(port(80), 9090);
+        assert_eq!(port(81), 8081);
+        assert_eq!(port(82), 82);
     }
 }

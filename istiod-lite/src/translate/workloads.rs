@@ -86,6 +86,15 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
     }
 
     let policies_by_ns = policies_by_namespace(idx);
+    let mut by_first_label: HashMap<(&str, &str, &str), Vec<&Service>> = HashMap::new();
+    for svc in &idx.services {
+        if let Some((k, v)) = svc.spec.selector.as_ref().and_then(|s| s.iter().next()) {
+            by_first_label
+                .entry((&svc.metadata.namespace, k, v))
+                .or_default()
+                .push(svc);
+        }
+    }
     for pod in &idx.pods {
         if matches!(pod.status.phase.as_str(), "Succeeded" | "Failed") {
             continue;
@@ -100,11 +109,18 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
         let ambient = idx.is_ambient(pod);
 
         let mut services: BTreeMap<String, PortList> = BTreeMap::new();
-        for svc in idx.services_by_ns.get(ns).into_iter().flatten() {
+        // Only services whose first selector label the pod carries can select it.
+        let candidates = pod
+            .metadata
+            .labels
+            .iter()
+            .filter_map(|(k, v)| by_first_label.get(&(ns, k.as_str(), v.as_str())))
+            .flatten();
+        for svc in candidates {
             let Some(sel) = &svc.spec.selector else {
                 continue;
             };
-            if sel.is_empty() || !labels_match(sel, &pod.metadata.labels) {
+            if !labels_match(sel, &pod.metadata.labels) {
                 continue;
             }
             if svc.spec.type_ == "ExternalName" {

@@ -6,7 +6,7 @@
 //! queue. A NACK is logged and counted; the proxy keeps its last good version of what it
 //! rejected, and the server does not resend it until it changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -18,14 +18,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::registry::{Registry, SubscriberStatus, TypeStatus};
-use super::{Snapshot, TYPE_URLS};
+use super::{Resource, Snapshot, TYPE_URLS};
 use crate::auth::{self, Authenticator};
 use crate::metrics::{Metrics, TypeLabels, XdsType};
 use crate::server::PeerInfo;
 
 /// Resource bytes per response: a full push is split into several responses, each answered
 /// before the next is sent, so no message nears the 4 MiB a gRPC client accepts by default.
-pub const MAX_RESPONSE_BYTES: usize = 2 << 20;
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// Responses queued toward one proxy; one per type in flight plus slack.
 const OUTBOUND_QUEUE: usize = 4;
 
@@ -111,9 +111,40 @@ impl AggregatedDiscoveryService for AdsService {
 #[derive(Default)]
 struct TypeState {
     subscribed: bool,
-    /// What the proxy holds, as far as the server knows: name → version.
-    client_has: HashMap<String, String>,
+    client: Holding,
     pending: Option<Pending>,
+}
+
+/// What the proxy holds of one type, as far as the server knows.
+enum Holding {
+    /// Exactly that snapshot's resources: the common case, and it costs nothing per resource.
+    Snapshot(Arc<Snapshot>),
+    /// The first `n` resources (in name order) of that snapshot: a split push under way.
+    Prefix(Arc<Snapshot>, usize),
+    /// Some other set (what a reconnecting proxy said it had, or a split push overtaken by a
+    /// newer snapshot): name → version hash.
+    Names(HashMap<String, u64>),
+}
+
+impl Default for Holding {
+    fn default() -> Self {
+        Holding::Names(HashMap::new())
+    }
+}
+
+impl Holding {
+    fn len(&self, type_url: &str) -> usize {
+        match self {
+            Holding::Snapshot(s) => s.of_type(type_url).map_or(0, |m| m.len()),
+            Holding::Prefix(_, n) => *n,
+            Holding::Names(m) => m.len(),
+        }
+    }
+}
+
+/// Versions from a proxy are the server's own hex hashes; anything else never matches.
+fn parse_version(v: &str) -> u64 {
+    u64::from_str_radix(v, 16).unwrap_or(u64::MAX)
 }
 
 struct Pending {
@@ -182,7 +213,15 @@ impl Connection {
             // the difference and the removals are sent.
             if !state.subscribed {
                 state.subscribed = true;
-                state.client_has = req.initial_resource_versions.into_iter().collect();
+                state.client = Holding::Names(
+                    req.initial_resource_versions
+                        .into_iter()
+                        .map(|(n, v)| {
+                            let h = parse_version(&v);
+                            (n, h)
+                        })
+                        .collect(),
+                );
                 state.pending = None;
                 return self.push(type_url, true).await;
             }
@@ -257,30 +296,22 @@ impl Connection {
     async fn push(&mut self, type_url: &'static str, always: bool) -> Result<(), &'static str> {
         let snap = self.snapshots.borrow().clone();
         let state = self.types.entry(type_url).or_default();
-        let empty = Default::default();
-        let current = snap.of_type(type_url).unwrap_or(&empty);
-
-        let mut removed: Vec<String> = state
-            .client_has
-            .keys()
-            .filter(|n| !current.contains_key(*n))
-            .cloned()
-            .collect();
-        removed.sort();
+        let (changed, removed) = diff(&state.client, &snap, type_url);
+        if changed.is_empty() && removed.is_empty() && !always {
+            state.client = Holding::Snapshot(snap);
+            return Ok(());
+        }
         let mut resources = Vec::new();
         let mut bytes = 0;
         let mut more = false;
-        for (name, r) in current {
-            if state.client_has.get(name) == Some(&r.version) {
-                continue;
-            }
+        for r in &changed {
             if bytes > 0 && bytes + r.body.len() > MAX_RESPONSE_BYTES {
                 more = true;
                 break;
             }
             bytes += r.body.len();
             resources.push(discovery::Resource {
-                name: name.clone(),
+                name: r.name.clone(),
                 version: r.version.clone(),
                 resource: Some(prost_types::Any {
                     type_url: type_url.to_owned(),
@@ -289,15 +320,30 @@ impl Connection {
                 ..Default::default()
             });
         }
-        if resources.is_empty() && removed.is_empty() && !always {
-            return Ok(());
-        }
-        for n in &removed {
-            state.client_has.remove(n);
-        }
-        for r in &resources {
-            state.client_has.insert(r.name.clone(), r.version.clone());
-        }
+        state.client = if more {
+            // Only part went out: remember how far the proxy got.
+            let mut has = match std::mem::take(&mut state.client) {
+                Holding::Prefix(base, n) if Arc::ptr_eq(&base, &snap) => {
+                    Holding::Prefix(base, n + resources.len())
+                }
+                Holding::Names(m) if m.is_empty() && removed.is_empty() => {
+                    Holding::Prefix(snap.clone(), resources.len())
+                }
+                other => Holding::Names(names_of(other, type_url)),
+            };
+            if let Holding::Names(has) = &mut has {
+                for n in &removed {
+                    has.remove(n);
+                }
+                for r in &changed[..resources.len()] {
+                    has.insert(r.name.clone(), r.hash);
+                }
+            }
+            has
+        } else {
+            Holding::Snapshot(snap.clone())
+        };
+
         self.nonce += 1;
         let nonce = format!("{}-{}", snap.version, self.nonce);
         state.pending = Some(Pending {
@@ -311,7 +357,7 @@ impl Connection {
             let ts: &mut TypeStatus = st.types.entry(type_url.to_owned()).or_default();
             ts.sent_version = snap.version;
             ts.pending_nonce = Some(nonce.clone());
-            ts.resources = state.client_has.len();
+            ts.resources = state.client.len(type_url);
         }
         self.metrics
             .pushes
@@ -335,6 +381,81 @@ impl Connection {
             removed_resources: removed,
         };
         self.tx.send(Ok(resp)).await.map_err(|_| "proxy went away")
+    }
+}
+
+/// What a proxy holding `held` lacks of `snap`: changed resources, and names to remove.
+fn diff(held: &Holding, snap: &Snapshot, type_url: &str) -> (Vec<Arc<Resource>>, Vec<String>) {
+    let empty = BTreeMap::new();
+    let current = snap.of_type(type_url).unwrap_or(&empty);
+    match held {
+        Holding::Snapshot(base) if base.version == snap.version => (vec![], vec![]),
+        // One snapshot behind: the snapshot already knows what changed.
+        Holding::Snapshot(base) if base.version + 1 == snap.version => {
+            match snap.deltas.get(type_url) {
+                Some(d) => (d.changed.clone(), d.removed.clone()),
+                None => (vec![], vec![]),
+            }
+        }
+        Holding::Snapshot(base) => {
+            // Further behind: walk both sorted maps once; shared resources compare by pointer.
+            let old = base.of_type(type_url).unwrap_or(&empty);
+            let changed = current
+                .iter()
+                .filter(|(n, r)| {
+                    old.get(*n)
+                        .is_none_or(|o| !Arc::ptr_eq(o, r) && o.hash != r.hash)
+                })
+                .map(|(_, r)| r.clone())
+                .collect();
+            let removed = old
+                .keys()
+                .filter(|n| !current.contains_key(*n))
+                .cloned()
+                .collect();
+            (changed, removed)
+        }
+        Holding::Prefix(base, n) if base.version == snap.version => {
+            (current.values().skip(*n).cloned().collect(), vec![])
+        }
+        Holding::Prefix(base, n) => {
+            let has = names_of(Holding::Prefix(base.clone(), *n), type_url);
+            diff(&Holding::Names(has), snap, type_url)
+        }
+        Holding::Names(has) => {
+            let changed = current
+                .iter()
+                .filter(|(n, r)| has.get(*n) != Some(&r.hash))
+                .map(|(_, r)| r.clone())
+                .collect();
+            let mut removed: Vec<String> = has
+                .keys()
+                .filter(|n| !current.contains_key(*n))
+                .cloned()
+                .collect();
+            removed.sort();
+            (changed, removed)
+        }
+    }
+}
+
+/// The names and versions a holding stands for.
+fn names_of(held: Holding, type_url: &str) -> HashMap<String, u64> {
+    match held {
+        Holding::Names(m) => m,
+        Holding::Snapshot(base) => base
+            .of_type(type_url)
+            .into_iter()
+            .flatten()
+            .map(|(n, r)| (n.clone(), r.hash))
+            .collect(),
+        Holding::Prefix(base, n) => base
+            .of_type(type_url)
+            .into_iter()
+            .flatten()
+            .take(n)
+            .map(|(n, r)| (n.clone(), r.hash))
+            .collect(),
     }
 }
 

@@ -1,0 +1,343 @@
+//! Builds snapshots incrementally, one namespace at a time.
+//!
+//! Almost everything a namespace's resources depend on lives in that namespace; the rest (the
+//! root namespace's policies, PeerAuthentications, Gateways, EndpointSlices naming pods
+//! elsewhere) is the *shared* input. Gateway and route status, which may refer across
+//! namespaces, is computed from the whole state each time (there are few of those objects). The store hands out the same `Arc` for an
+//! object until it changes, so a namespace whose objects and the shared input are the same
+//! pointers as last time reuses its previous resources without translating or encoding them
+//! again. A single pod change therefore costs one namespace, not the mesh.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::{Delta, Resource, Snapshot, fnv1a};
+use crate::model::{Kind, Object, ObjectKey};
+use crate::store::State;
+use crate::translate::{self, MeshOptions, ObjectStatus};
+
+/// One namespace's translated and encoded output.
+struct Entry {
+    fingerprint: u64,
+    addresses: Vec<Arc<Resource>>,
+    authorizations: Vec<Arc<Resource>>,
+    statuses: Vec<ObjectStatus>,
+    warnings: Vec<String>,
+}
+
+pub struct SnapshotBuilder {
+    opts: MeshOptions,
+    cache: HashMap<String, Entry>,
+}
+
+impl SnapshotBuilder {
+    pub fn new(opts: MeshOptions) -> Self {
+        Self {
+            opts,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The snapshot after `prev` for `state`.
+    pub fn build(&mut self, state: &State, prev: &Snapshot) -> Snapshot {
+        let root = self.opts.root_namespace.as_str();
+        // Objects by namespace, and the shared input every namespace sees.
+        let mut by_ns: BTreeMap<&str, Vec<(&ObjectKey, &Arc<Object>)>> = BTreeMap::new();
+        let mut shared: Vec<(&ObjectKey, &Arc<Object>)> = Vec::new();
+        for (k, o) in &state.objects {
+            if is_shared(k, o, root) {
+                shared.push((k, o));
+            }
+            if k.kind == Kind::Namespace {
+                by_ns.entry(k.name.as_str()).or_default().push((k, o));
+            } else {
+                by_ns.entry(k.namespace.as_str()).or_default().push((k, o));
+            }
+        }
+        // The root namespace's resources depend on PeerAuthentications anywhere (the static
+        // strict policy exists when any does), which are shared: covered below.
+        let shared_fp = fingerprint(shared.iter().copied(), 0);
+
+        let mut next_cache = HashMap::with_capacity(by_ns.len());
+        for (ns, objects) in &by_ns {
+            let fp = fingerprint(objects.iter().copied(), shared_fp);
+            let entry = match self.cache.remove(*ns) {
+                Some(e) if e.fingerprint == fp => e,
+                _ => self.translate_namespace(ns, objects, &shared, fp, prev),
+            };
+            next_cache.insert((*ns).to_owned(), entry);
+        }
+        self.cache = next_cache;
+
+        let mut addresses = BTreeMap::new();
+        let mut authorizations = BTreeMap::new();
+        let mut statuses = Vec::new();
+        let mut warnings = Vec::new();
+        for e in self.cache.values() {
+            for r in &e.addresses {
+                addresses.insert(r.name.clone(), r.clone());
+            }
+            for r in &e.authorizations {
+                authorizations.insert(r.name.clone(), r.clone());
+            }
+            statuses.extend(e.statuses.iter().cloned());
+            warnings.extend(e.warnings.iter().cloned());
+        }
+        statuses.extend(translate::gateway_and_route_status(state, &self.opts));
+        statuses
+            .sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+        warnings.sort();
+
+        let mut deltas = BTreeMap::new();
+        for (type_url, now) in [
+            (mesh_proto::ADDRESS_TYPE_URL, &addresses),
+            (mesh_proto::AUTHORIZATION_TYPE_URL, &authorizations),
+        ] {
+            deltas.insert(type_url, delta(prev.of_type(type_url), now));
+        }
+        let mut resources = BTreeMap::new();
+        resources.insert(mesh_proto::ADDRESS_TYPE_URL, addresses);
+        resources.insert(mesh_proto::AUTHORIZATION_TYPE_URL, authorizations);
+        Snapshot {
+            version: prev.version + 1,
+            resources,
+            deltas,
+            statuses,
+            warnings,
+            built_at: Some(std::time::Instant::now()),
+        }
+    }
+
+    fn translate_namespace(
+        &self,
+        ns: &str,
+        objects: &[(&ObjectKey, &Arc<Object>)],
+        shared: &[(&ObjectKey, &Arc<Object>)],
+        fingerprint: u64,
+        prev: &Snapshot,
+    ) -> Entry {
+        let mut sub = State::default();
+        for (k, o) in shared.iter().chain(objects) {
+            sub.objects.insert((*k).clone(), (*o).clone());
+        }
+        let out = translate::translate(&sub, &self.opts);
+        let encode = |type_url: &str, items: Vec<(String, Vec<u8>)>| -> Vec<Arc<Resource>> {
+            let old = prev.of_type(type_url);
+            items
+                .into_iter()
+                .map(|(name, body)| match old.and_then(|o| o.get(&name)) {
+                    Some(r) if r.body == body => r.clone(),
+                    _ => {
+                        let hash = fnv1a(&body);
+                        Arc::new(Resource {
+                            name,
+                            version: format!("{hash:016x}"),
+                            hash,
+                            body,
+                        })
+                    }
+                })
+                .collect()
+        };
+        // The sub-state holds shared objects from other namespaces: keep only what is ours.
+        let addresses = encode(
+            mesh_proto::ADDRESS_TYPE_URL,
+            out.addresses
+                .iter()
+                .filter(|(_, a)| address_namespace(a) == Some(ns))
+                .map(|(n, a)| (n.clone(), a.encode_to_vec()))
+                .collect(),
+        );
+        let authorizations = encode(
+            mesh_proto::AUTHORIZATION_TYPE_URL,
+            out.authorizations
+                .iter()
+                .filter(|(_, a)| a.namespace == ns)
+                .map(|(n, a)| (n.clone(), a.encode_to_vec()))
+                .collect(),
+        );
+        Entry {
+            fingerprint,
+            addresses,
+            authorizations,
+            statuses: out
+                .statuses
+                .into_iter()
+                .filter(|s| s.kind == Kind::AuthorizationPolicy && s.namespace == ns)
+                .collect(),
+            warnings: out.warnings,
+        }
+    }
+}
+
+fn address_namespace(a: &mesh_proto::workload::Address) -> Option<&str> {
+    use mesh_proto::workload::address::Type;
+    match a.r#type.as_ref()? {
+        Type::Workload(w) => Some(&w.namespace),
+        Type::Service(s) => Some(&s.namespace),
+    }
+}
+
+/// Objects every namespace's translation may read.
+fn is_shared(k: &ObjectKey, o: &Object, root: &str) -> bool {
+    match k.kind {
+        Kind::Gateway | Kind::PeerAuthentication => true,
+        Kind::AuthorizationPolicy => k.namespace == root,
+        Kind::EndpointSlice => match o {
+            Object::EndpointSlice(s) => s.endpoints.iter().any(|e| {
+                e.target_ref
+                    .as_ref()
+                    .is_some_and(|t| !t.namespace.is_empty() && t.namespace != k.namespace)
+            }),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Identifies a set of object versions by their pointers (the store keeps an object's `Arc`
+/// until the object changes).
+fn fingerprint<'a>(
+    objects: impl Iterator<Item = (&'a ObjectKey, &'a Arc<Object>)>,
+    seed: u64,
+) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    seed.hash(&mut h);
+    for (_, o) in objects {
+        (Arc::as_ptr(o) as usize).hash(&mut h);
+    }
+    h.finish()
+}
+
+fn delta(
+    old: Option<&BTreeMap<String, Arc<Resource>>>,
+    now: &BTreeMap<String, Arc<Resource>>,
+) -> Delta {
+    let empty = BTreeMap::new();
+    let old = old.unwrap_or(&empty);
+    Delta {
+        changed: now
+            .iter()
+            .filter(|(n, r)| old.get(*n).is_none_or(|o| !Arc::ptr_eq(o, r)))
+            .map(|(_, r)| r.clone())
+            .collect(),
+        removed: old
+            .keys()
+            .filter(|n| !now.contains_key(*n))
+            .cloned()
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use super::*;
+
+    fn state(yaml: &str) -> State {
+        State::from_objects(
+            serde_yaml::Deserializer::from_str(yaml)
+                .map(|d| Object::parse(serde_json::Value::deserialize(d).unwrap()).unwrap()),
+        )
+    }
+
+    const MESH: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: a, labels: {app: p}}
+spec: {nodeName: n}
+status: {podIP: 198.18.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: q, namespace: b}
+spec: {nodeName: n}
+status: {podIP: 198.18.0.2}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh, namespace: istio-system}
+spec: {selector: {matchLabels: {app: p}}, rules: [{}]}
+";
+
+    /// The incremental result must equal translating everything from scratch.
+    fn assert_same_as_full(snap: &Snapshot, st: &State) {
+        let full = super::super::Snapshot::build(
+            translate::translate(st, &MeshOptions::default()),
+            &Snapshot::default(),
+        );
+        for t in super::super::TYPE_URLS {
+            let a: Vec<_> = snap
+                .of_type(t)
+                .unwrap()
+                .iter()
+                .map(|(n, r)| (n.clone(), r.hash))
+                .collect();
+            let b: Vec<_> = full
+                .of_type(t)
+                .unwrap()
+                .iter()
+                .map(|(n, r)| (n.clone(), r.hash))
+                .collect();
+            assert_eq!(a, b, "{t}");
+        }
+    }
+
+    #[test]
+    fn unchanged_namespaces_are_reused_and_results_match_a_full_translation() {
+        let mut b = SnapshotBuilder::new(MeshOptions::default());
+        let st1 = state(MESH);
+        let s1 = b.build(&st1, &Snapshot::default());
+        assert_same_as_full(&s1, &st1);
+
+        // Change only namespace b: namespace a's resources are the same allocations.
+        let mut st2 = st1.clone();
+        let q = state(&MESH.replace("198.18.0.2", "198.18.0.3"));
+        let key = q.objects.keys().find(|k| k.name == "q").unwrap().clone();
+        st2.objects.insert(key.clone(), q.objects[&key].clone());
+        let s2 = b.build(&st2, &s1);
+        assert_same_as_full(&s2, &st2);
+        let addr =
+            |s: &Snapshot, n: &str| s.of_type(mesh_proto::ADDRESS_TYPE_URL).unwrap()[n].clone();
+        assert!(Arc::ptr_eq(
+            &addr(&s1, "Kubernetes//Pod/a/p"),
+            &addr(&s2, "Kubernetes//Pod/a/p")
+        ));
+        let d = &s2.deltas[mesh_proto::ADDRESS_TYPE_URL];
+        assert_eq!(d.changed.len(), 1);
+        assert_eq!(d.changed[0].name, "Kubernetes//Pod/b/q");
+
+        // A change in the root namespace (shared input) reaches every namespace.
+        let st3 = state(&MESH.replace("matchLabels: {app: p}", "matchLabels: {app: x}"));
+        let s3 = b.build(&st3, &s2);
+        assert_same_as_full(&s3, &st3);
+        let d = &s3.deltas[mesh_proto::ADDRESS_TYPE_URL];
+        assert!(
+            d.changed.iter().any(|r| r.name == "Kubernetes//Pod/a/p"),
+            "policy list changed"
+        );
+
+        // Removing a namespace's last object removes its resources.
+        let st4 = state(
+            &MESH
+                .split("---")
+                .filter(|d| !d.contains("name: q"))
+                .collect::<Vec<_>>()
+                .join("---"),
+        );
+        let s4 = b.build(&st4, &s3);
+        assert_same_as_full(&s4, &st4);
+        assert_eq!(
+            s4.deltas[mesh_proto::ADDRESS_TYPE_URL].removed,
+            vec!["Kubernetes//Pod/b/q"]
+        );
+    }
+}
