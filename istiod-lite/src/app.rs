@@ -80,6 +80,7 @@ impl Istiod {
         let node_tokens = NodeTokens::new(&cfg.state_dir);
 
         let mut kube_client = None;
+        let mut initial_sync = None;
         let (source, authenticator): (Box<dyn Source>, Arc<dyn Authenticator>) = match &cfg.source {
             SourceConfig::Directory(dir) => {
                 let src = DirSource::new(dir).with_poll(cfg.dir_poll);
@@ -91,9 +92,12 @@ impl Istiod {
             SourceConfig::Kubernetes(k) => {
                 let client = crate::kubernetes::client(k).context("connecting to Kubernetes")?;
                 kube_client = Some(client.clone());
+                let (source, synced) = crate::kubernetes::source(&client);
+                initial_sync = Some(synced);
                 (
-                    crate::kubernetes::source(&client),
-                    Arc::new(crate::kubernetes::TokenReviewer::new(client)),
+                    source,
+                    Arc::new(crate::kubernetes::TokenReviewer::new(client))
+                        as Arc<dyn Authenticator>,
                 )
             }
         };
@@ -108,11 +112,6 @@ impl Istiod {
             debug: local(&debug_l),
         };
 
-        // The first snapshot is built before anything is served, so the first proxy to
-        // connect gets the whole config rather than an empty one.
-        let mut builder = xds::SnapshotBuilder::new(cfg.mesh.clone());
-        let first = builder.build(&store.state(), &Snapshot::default());
-        let (publish, snapshots) = watch::channel(Arc::new(first));
         let mut tasks = Vec::new();
         {
             let store = store.clone();
@@ -123,6 +122,25 @@ impl Istiod {
                 }
             }));
         }
+        if let Some(synced) = initial_sync {
+            // Serving a partly listed cluster would tell proxies that workloads are gone.
+            let wait = synced.wait();
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+                        tracing::warn!(pending = ?synced.pending(), "waiting for the first list of every kind from the API server");
+                    }
+                }
+            }
+            info!("initial list from the API server complete");
+        }
+        // The first snapshot is built before anything is served, so the first proxy to
+        // connect gets the whole config rather than an empty one.
+        let mut builder = xds::SnapshotBuilder::new(cfg.mesh.clone());
+        let first = builder.build(&store.state(), &Snapshot::default());
+        let (publish, snapshots) = watch::channel(Arc::new(first));
         tasks.push(tokio::spawn(xds::run_builder(
             store.clone(),
             cfg.mesh.clone(),

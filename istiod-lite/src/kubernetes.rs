@@ -12,7 +12,7 @@ use crate::auth::{AuthError, AuthFuture, Authenticator, Requester};
 use crate::config::KubeSettings;
 use crate::model::ObjectKey;
 use crate::source::Source;
-use crate::source::kube::{KubeClient, KubeConfig, KubeError, KubeSource};
+use crate::source::kube::{InitialSync, KubeClient, KubeConfig, KubeError, KubeSource};
 use crate::xds::Snapshot;
 
 /// The audience proxies put in the tokens they send (Istio's CA audience).
@@ -32,8 +32,11 @@ pub fn client(k: &KubeSettings) -> anyhow::Result<KubeClient> {
     Ok(KubeClient::new(cfg)?)
 }
 
-pub fn source(client: &KubeClient) -> Box<dyn Source> {
-    Box::new(KubeSource::new(client.clone()))
+/// The watch source, and what tells when it has listed everything once.
+pub fn source(client: &KubeClient) -> (Box<dyn Source>, InitialSync) {
+    let src = KubeSource::new(client.clone());
+    let synced = src.initial_sync();
+    (Box::new(src), synced)
 }
 
 /// Checks bearer tokens with the API server's TokenReview.
@@ -95,6 +98,13 @@ pub async fn write_status(client: KubeClient, mut snapshots: watch::Receiver<Arc
     let mut written: HashMap<ObjectKey, Value> = HashMap::new();
     loop {
         let snap = snapshots.borrow_and_update().clone();
+        // Forget objects that left: a re-created object gets its status written again.
+        let present: std::collections::HashSet<(crate::model::Kind, &str, &str)> = snap
+            .statuses
+            .iter()
+            .map(|s| (s.kind, s.namespace.as_str(), s.name.as_str()))
+            .collect();
+        written.retain(|k, _| present.contains(&(k.kind, k.namespace.as_str(), k.name.as_str())));
         for s in &snap.statuses {
             let key = ObjectKey {
                 kind: s.kind,

@@ -190,9 +190,13 @@ impl ResolvesServerCert for ServingCert {
 
 fn certified_key(ca: &DevCa) -> anyhow::Result<Arc<CertifiedKey>> {
     let (chain, key_pem) = ca.issue_server(&SERVING_NAMES, SERVING_TTL)?;
+    let root = ca.roots_pem();
     let mut certs = Vec::new();
     // The root stays out of what is sent: clients already hold it.
-    for pem in &chain[..chain.len().saturating_sub(1).max(1)] {
+    for (i, pem) in chain.iter().enumerate() {
+        if i > 0 && pem.trim() == root.trim() {
+            continue;
+        }
         certs.extend(mesh_core::tls::parse_pem_certs(pem)?);
     }
     use rustls_pki_types::pem::PemObject;

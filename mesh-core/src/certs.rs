@@ -13,7 +13,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, info, warn};
 
 use crate::identity::SpiffeId;
-use crate::tls::WorkloadCert;
+use crate::tls::{TrustRoots, WorkloadCert};
 
 /// Default certificate lifetime requested from the CA.
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -34,6 +34,13 @@ pub type SignFuture = Pin<Box<dyn Future<Output = Result<Vec<String>, String>> +
 /// Somewhere that signs CSRs: the mesh CA, or the development CA in standalone mode.
 pub trait CertSource: Send + Sync + 'static {
     fn sign(&self, identity: &SpiffeId, csr_pem: String, ttl: Duration) -> SignFuture;
+
+    /// Roots configured out of band. When given, certificates trust these and a CA response
+    /// cannot change what the proxy trusts; when `None`, the last certificate of the CA's
+    /// chain is taken as the root (a CA reached over a channel that is itself trusted).
+    fn trust_roots(&self) -> Option<TrustRoots> {
+        None
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -233,8 +240,21 @@ async fn request(inner: &Inner, identity: &SpiffeId) -> Result<Arc<WorkloadCert>
         .await
         .map_err(|_| fail(format!("the CA did not answer within {SIGN_TIMEOUT:?}")))?
         .map_err(fail)?;
-    let cert =
-        WorkloadCert::from_chain(identity.clone(), key, &chain).map_err(|e| fail(e.to_string()))?;
+    let cert = match inner.source.trust_roots() {
+        None => WorkloadCert::from_chain(identity.clone(), key, &chain),
+        Some(roots) => {
+            let mut certs = Vec::new();
+            for pem in &chain {
+                certs.extend(crate::tls::parse_pem_certs(pem).map_err(|e| fail(e.to_string()))?);
+            }
+            // The chain ends with the root; the pinned roots stand in for it.
+            while certs.len() > 1 && certs.last().is_some_and(|c| roots.ders().contains(c)) {
+                certs.pop();
+            }
+            WorkloadCert::new(identity.clone(), key, certs, roots)
+        }
+    }
+    .map_err(|e| fail(e.to_string()))?;
     debug!(identity = %identity, expiry = ?cert.not_after(), "certificate issued");
     Ok(Arc::new(cert))
 }
@@ -340,6 +360,42 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("CA unavailable"), "{err}");
+    }
+
+    /// A CA that signs correctly but claims another root: pinned roots win.
+    struct Pinned {
+        ca: DevCa,
+        pinned: TrustRoots,
+    }
+
+    impl CertSource for Pinned {
+        fn sign(&self, identity: &SpiffeId, csr: String, ttl: Duration) -> SignFuture {
+            let mut chain = self.ca.sign(identity, &csr, ttl).map_err(|e| e.to_string());
+            if let Ok(c) = &mut chain {
+                let rogue = DevCa::generate().unwrap();
+                *c.last_mut().unwrap() = rogue.roots_pem();
+            }
+            Box::pin(async move { chain })
+        }
+
+        fn trust_roots(&self) -> Option<TrustRoots> {
+            Some(self.pinned.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn pinned_roots_are_trusted_not_the_roots_a_ca_sends() {
+        let ca = DevCa::generate().unwrap();
+        let pinned = ca.roots().clone();
+        let m = CertManager::new(
+            Arc::new(Pinned {
+                ca,
+                pinned: pinned.clone(),
+            }),
+            DEFAULT_CERT_TTL,
+        );
+        let cert = m.fetch(&id("a")).await.unwrap();
+        assert_eq!(cert.roots().ders(), pinned.ders());
     }
 
     #[test]

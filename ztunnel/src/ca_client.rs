@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use mesh_core::SpiffeId;
 use mesh_core::certs::{CertSource, SignFuture};
+use mesh_core::tls::TrustRoots;
 use mesh_proto::ca::IstioCertificateRequest;
 use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use tonic::metadata::AsciiMetadataValue;
@@ -52,6 +53,8 @@ pub struct CaClient {
     channel: Channel,
     token: Token,
     cluster_id: Option<AsciiMetadataValue>,
+    /// The mesh roots from `--xds-root-cert`: what certificates trust, whatever the CA sends.
+    roots: Option<TrustRoots>,
 }
 
 impl CaClient {
@@ -59,11 +62,25 @@ impl CaClient {
     pub fn new(cfg: &Config, addr: &ControlPlaneAddr) -> Result<Self, GrpcError> {
         let channel =
             grpc::channel_from_config(addr, cfg.xds_root_cert.as_deref(), cfg.socket_mark)?;
+        let roots = match &cfg.xds_root_cert {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read_to_string(path).map_err(|source| GrpcError::ReadRoots {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(TrustRoots::from_pem(&pem).map_err(|e| GrpcError::BadRoots {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?)
+            }
+        };
         Ok(Self {
             addr: addr.clone(),
             channel,
             token: Token::new(cfg.token_file.clone()),
             cluster_id: AsciiMetadataValue::try_from(cfg.cluster_id.as_str()).ok(),
+            roots,
         })
     }
 
@@ -126,6 +143,10 @@ impl CaClient {
 }
 
 impl CertSource for CaClient {
+    fn trust_roots(&self) -> Option<TrustRoots> {
+        self.roots.clone()
+    }
+
     fn sign(&self, identity: &SpiffeId, csr_pem: String, ttl: Duration) -> SignFuture {
         let this = self.clone();
         let identity = identity.clone();

@@ -46,6 +46,52 @@ pub const MAX_LINE: usize = 16 * 1024 * 1024;
 pub struct KubeSource {
     client: KubeClient,
     kinds: Vec<Kind>,
+    synced: InitialSync,
+}
+
+/// Tells when every kind has been listed once (a kind the server does not serve counts as
+/// listed, empty), so nothing is served from a partly filled store.
+#[derive(Clone, Default)]
+pub struct InitialSync {
+    pending: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<Kind>>>,
+    done: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl InitialSync {
+    fn expect(&self, kinds: &[Kind]) {
+        self.pending
+            .lock()
+            .expect("sync lock poisoned")
+            .extend(kinds.iter().copied());
+    }
+
+    pub(crate) fn listed(&self, kind: Kind) {
+        let mut p = self.pending.lock().expect("sync lock poisoned");
+        if p.remove(&kind) && p.is_empty() {
+            self.done.notify_waiters();
+        }
+    }
+
+    /// Kinds not listed yet.
+    pub fn pending(&self) -> Vec<Kind> {
+        self.pending
+            .lock()
+            .expect("sync lock poisoned")
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Resolves once every kind has been listed.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.done.notified();
+            if self.pending().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Splits a byte stream into newline-terminated lines without holding more than a bounded
@@ -67,15 +113,25 @@ pub(crate) struct LineTooLong {
 impl KubeSource {
     /// Reflects every kind in [`Kind::ALL`].
     pub fn new(client: KubeClient) -> Self {
+        let synced = InitialSync::default();
+        synced.expect(&Kind::ALL);
         Self {
             client,
             kinds: Kind::ALL.to_vec(),
+            synced,
         }
+    }
+
+    /// Tracks the first list of every kind; take it before `run`.
+    pub fn initial_sync(&self) -> InitialSync {
+        self.synced.clone()
     }
 
     /// Reflects only `kinds`, for a deployment that gets the others elsewhere.
     pub fn with_kinds(mut self, kinds: &[Kind]) -> Self {
         self.kinds = kinds.to_vec();
+        self.synced = InitialSync::default();
+        self.synced.expect(kinds);
         self
     }
 
@@ -102,7 +158,10 @@ impl Source for KubeSource {
             }
             let mut tasks = JoinSet::new();
             for kind in self.kinds {
-                tasks.spawn(watch::Reflector::new(self.client.clone(), store.clone(), kind).run());
+                tasks.spawn(
+                    watch::Reflector::new(self.client.clone(), store.clone(), kind)
+                        .run(self.synced.clone()),
+                );
             }
             while let Some(done) = tasks.join_next().await {
                 // Reflectors loop forever; ending means a bug, so stop rather than serve a

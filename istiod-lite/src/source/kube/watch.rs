@@ -82,10 +82,10 @@ impl Reflector {
     }
 
     /// Lists, then watches until a fresh list is needed, then lists again; forever.
-    pub(crate) async fn run(mut self) {
+    pub(crate) async fn run(mut self, synced: super::InitialSync) {
         let mut relist = Backoff::new();
         loop {
-            self.list_until_done().await;
+            self.list_until_done(&synced).await;
             let started = Instant::now();
             let reason = self.watch_until_relist().await;
             info!(kind = %self.kind, reason = %reason, "watch cannot resume; listing again");
@@ -97,11 +97,12 @@ impl Reflector {
         }
     }
 
-    async fn list_until_done(&mut self) {
+    async fn list_until_done(&mut self, synced: &super::InitialSync) {
         let mut backoff = Backoff::new();
         loop {
             match self.list().await {
                 Ok(objects) => {
+                    synced.listed(self.kind);
                     if self.missing_reported {
                         info!(kind = %self.kind, "kind now served by the API server");
                         self.missing_reported = false;
@@ -110,6 +111,8 @@ impl Reflector {
                     return;
                 }
                 Err(e @ KubeError::NotFound { .. }) => {
+                    // Not installed: there is nothing to wait for.
+                    synced.listed(self.kind);
                     if self.missing_reported {
                         debug!(kind = %self.kind, "kind still not served");
                     } else {
