@@ -162,7 +162,8 @@ impl Istiod {
             registry.clone(),
             metrics.clone(),
             Some(authenticator.clone()),
-        );
+        )
+        .with_max_response_bytes(cfg.max_response_bytes);
         let ca_svc = CaService::new(
             ca.clone(),
             store.clone(),

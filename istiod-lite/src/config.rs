@@ -48,6 +48,8 @@ pub struct Config {
     pub debounce: Duration,
     pub max_push_delay: Duration,
     pub dir_poll: Duration,
+    /// Resource bytes per xDS response before a push is split.
+    pub max_response_bytes: usize,
 }
 
 impl Config {
@@ -64,6 +66,7 @@ impl Config {
             debounce: crate::xds::DEFAULT_DEBOUNCE,
             max_push_delay: crate::xds::DEFAULT_MAX_DELAY,
             dir_poll: crate::source::dir::DEFAULT_POLL,
+            max_response_bytes: crate::xds::ads::MAX_RESPONSE_BYTES,
         }
     }
 

@@ -47,12 +47,17 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 async fn start(dir: &Path, state: &Path) -> Istiod {
+    start_with(dir, state, |_| {}).await
+}
+
+async fn start_with(dir: &Path, state: &Path, tweak: impl FnOnce(&mut Config)) -> Istiod {
     let mut cfg = Config::new(SourceConfig::Directory(dir.to_owned()));
     cfg.state_dir = state.to_owned();
     cfg.xds_plaintext_addr = Some("127.0.0.1:0".parse().unwrap());
     cfg.xds_tls_addr = None;
     cfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
     cfg.dir_poll = Duration::from_millis(20);
+    tweak(&mut cfg);
     Istiod::start(cfg).await.unwrap()
 }
 
@@ -335,6 +340,96 @@ async fn the_ca_signs_only_for_pods_on_the_requesting_node() {
     let again = start(&dir, &state).await;
     assert_eq!(again.ca.roots_pem(), root);
     again.shutdown();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+}
+
+/// Applies a response to what a proxy holds: name → version.
+fn apply(held: &mut std::collections::BTreeMap<String, String>, r: &DeltaDiscoveryResponse) {
+    for n in &r.removed_resources {
+        held.remove(n);
+    }
+    for res in &r.resources {
+        held.insert(res.name.clone(), res.version.clone());
+    }
+}
+
+/// Receives and ACKs until `held` stops changing for a while.
+async fn drain(s: &mut Stream, held: &mut std::collections::BTreeMap<String, String>) -> usize {
+    let mut responses = 0;
+    while let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(500), s.rx.message())
+        .await
+        .map(|m| m.unwrap())
+    {
+        apply(held, &r);
+        s.ack(&r).await;
+        responses += 1;
+    }
+    responses
+}
+
+#[tokio::test]
+async fn a_large_push_is_split_and_converges_even_when_config_changes_midway() {
+    let dir = tmpdir("cfg");
+    let state = tmpdir("state");
+    let pod = |i: usize, ip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i:05}, namespace: apps, labels: {{app: a}}}}\nspec: {{nodeName: node-{}, serviceAccountName: sa-a}}\nstatus: {{podIP: {ip}}}\n",
+            i % 7
+        )
+    };
+    let ip = |i: usize| format!("198.18.{}.{}", i / 250, i % 250 + 1);
+    let n = 600;
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}\n",
+    );
+    for i in 0..n {
+        yaml.push_str(&pod(i, &ip(i)));
+    }
+    std::fs::write(dir.join("mesh.yaml"), &yaml).unwrap();
+    let istiod = start_with(&dir, &state, |c| c.max_response_bytes = 16 * 1024).await;
+
+    let mut s = Stream::open(channel(&istiod).await).await;
+    s.subscribe(ADDRESS_TYPE_URL, &[]).await;
+    let first = s.next().await;
+    assert!(
+        first.resources.len() < n,
+        "{} of {n} resources in one response: not split",
+        first.resources.len()
+    );
+    let mut held = std::collections::BTreeMap::new();
+    apply(&mut held, &first);
+
+    // Before the proxy answers: change a pod it has, remove one it has not got yet, add one.
+    let version = istiod.snapshot().version;
+    let edited = yaml
+        .replace(&pod(0, &ip(0)), &pod(0, "198.19.0.1"))
+        .replace(&pod(n - 1, &ip(n - 1)), "")
+        + &pod(n, "198.19.0.2");
+    std::fs::write(dir.join("mesh.yaml"), edited).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while istiod.snapshot().version == version {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edit was never picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.ack(&first).await;
+    let more = drain(&mut s, &mut held).await;
+    assert!(more >= 1);
+
+    // A fresh proxy gets the same set, versions included.
+    let mut fresh = Stream::open(channel(&istiod).await).await;
+    fresh.subscribe(ADDRESS_TYPE_URL, &[]).await;
+    let mut want = std::collections::BTreeMap::new();
+    drain(&mut fresh, &mut want).await;
+    assert_eq!(want.len(), n);
+    assert!(want.contains_key(&format!("Kubernetes//Pod/apps/pod-{n:05}")));
+    assert!(!want.contains_key(&format!("Kubernetes//Pod/apps/pod-{:05}", n - 1)));
+    assert_eq!(held, want, "the split push converged on the current config");
+
+    istiod.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&state).unwrap();
 }

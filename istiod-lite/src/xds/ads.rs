@@ -35,6 +35,7 @@ pub struct AdsService {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     authenticator: Option<Arc<dyn Authenticator>>,
+    max_response_bytes: usize,
 }
 
 impl AdsService {
@@ -49,7 +50,14 @@ impl AdsService {
             registry,
             metrics,
             authenticator,
+            max_response_bytes: MAX_RESPONSE_BYTES,
         }
+    }
+
+    /// Splits pushes at `bytes` of resources instead of [`MAX_RESPONSE_BYTES`].
+    pub fn with_max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes.max(1);
+        self
     }
 }
 
@@ -88,6 +96,7 @@ impl AggregatedDiscoveryService for AdsService {
             types: HashMap::new(),
             tx,
             nonce: 0,
+            max_response_bytes: self.max_response_bytes,
         };
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
@@ -162,6 +171,7 @@ struct Connection {
     types: HashMap<&'static str, TypeState>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     nonce: u64,
+    max_response_bytes: usize,
 }
 
 impl Connection {
@@ -305,7 +315,7 @@ impl Connection {
         let mut bytes = 0;
         let mut more = false;
         for r in &changed {
-            if bytes > 0 && bytes + r.body.len() > MAX_RESPONSE_BYTES {
+            if bytes > 0 && bytes + r.body.len() > self.max_response_bytes {
                 more = true;
                 break;
             }
