@@ -29,7 +29,7 @@ pub const TYPE_URLS: [&str; 2] = [
 ];
 
 /// A change is pushed once the state has been quiet this long…
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(10);
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(5);
 /// …or this long after the first change, whichever comes first.
 pub const DEFAULT_MAX_DELAY: Duration = Duration::from_millis(100);
 

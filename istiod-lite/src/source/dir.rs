@@ -21,7 +21,7 @@ use crate::store::{ConfigError, Store};
 /// How often the directory is scanned for changes inotify did not report.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
 /// A changed file is read once it has not changed again for this long.
-pub const DEFAULT_SETTLE: Duration = Duration::from_millis(10);
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(5);
 
 pub struct DirSource {
     dir: PathBuf,
