@@ -45,13 +45,7 @@ pub struct Istiod {
 }
 
 async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
-    match addr {
-        None => Ok(None),
-        Some(a) => TcpListener::bind(a)
-            .await
-            .map(Some)
-            .with_context(|| format!("binding the {what} listener on {a}")),
-    }
+    Ok(mesh_core::sockets::bind_optional(addr, what).await?)
 }
 
 /// Loads the CA: the operator's if configured, else the self-managed root in the state

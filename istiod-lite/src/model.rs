@@ -101,6 +101,39 @@ pub struct ObjectKey {
     pub name: String,
 }
 
+impl ObjectKey {
+    /// The key an object would have, read from its raw form without parsing the rest: how a
+    /// rejected object is matched with the version it replaces.
+    pub fn of_raw(v: &Value) -> Option<ObjectKey> {
+        let kind = Kind::from_name(v.get("kind")?.as_str()?)?;
+        Self::from_metadata(kind, v)
+    }
+
+    /// The key of a raw object known to be of `kind`, from its metadata alone.
+    pub fn from_metadata(kind: Kind, v: &Value) -> Option<ObjectKey> {
+        let meta = v.get("metadata")?;
+        let name = meta
+            .get("name")?
+            .as_str()
+            .filter(|n| !n.is_empty())?
+            .to_owned();
+        let namespace = if kind.is_namespaced() {
+            meta.get("namespace")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default")
+                .to_owned()
+        } else {
+            String::new()
+        };
+        Some(ObjectKey {
+            kind,
+            namespace,
+            name,
+        })
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.namespace.is_empty() {

@@ -57,13 +57,7 @@ pub struct Ztunnel {
 }
 
 async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<TcpListener>> {
-    match addr {
-        None => Ok(None),
-        Some(a) => TcpListener::bind(a)
-            .await
-            .map(Some)
-            .with_context(|| format!("binding the {what} listener on {a}")),
-    }
+    Ok(mesh_core::sockets::bind_optional(addr, what).await?)
 }
 
 /// Where workload certificates come from: istiod-lite's CA when a CA (or xDS) address is

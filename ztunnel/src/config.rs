@@ -236,12 +236,7 @@ impl Config {
                     .with_context(|| format!("flag {flag} needs a value"))
             };
             let addr = |v: String, flag: &str| -> anyhow::Result<Option<SocketAddr>> {
-                if v == "off" {
-                    return Ok(None);
-                }
-                v.parse()
-                    .map(Some)
-                    .with_context(|| format!("{flag}: {v:?} is not an ip:port (or \"off\")"))
+                mesh_core::sockets::parse_listen_addr(flag, &v).map_err(anyhow::Error::msg)
             };
             match flag.as_str() {
                 "--node" => node = Some(value()?),

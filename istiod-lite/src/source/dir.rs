@@ -213,7 +213,7 @@ fn load_file(path: &Path, store: &Store) {
         match Object::parse(value.clone()) {
             Ok(o) => objects.push(o),
             Err(error) => {
-                if let Some(key) = key_of(&value) {
+                if let Some(key) = ObjectKey::of_raw(&value) {
                     keep.push(key);
                 }
                 errors.push(ConfigError {
@@ -258,29 +258,6 @@ fn split_documents(text: &str) -> Result<Vec<(usize, Value)>, String> {
         }
     }
     Ok(out)
-}
-
-/// The key an unparsable object would have had, if its kind and name can be read.
-fn key_of(v: &Value) -> Option<ObjectKey> {
-    let kind_name = v.get("kind")?.as_str()?;
-    let kind = crate::model::Kind::ALL
-        .into_iter()
-        .find(|k| k.to_string() == kind_name)?;
-    let meta = v.get("metadata")?;
-    let name = meta.get("name")?.as_str()?.to_owned();
-    let namespace = if kind.is_namespaced() {
-        meta.get("namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("default")
-            .to_owned()
-    } else {
-        String::new()
-    };
-    Some(ObjectKey {
-        kind,
-        namespace,
-        name,
-    })
 }
 
 #[cfg(test)]

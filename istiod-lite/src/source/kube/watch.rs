@@ -149,7 +149,7 @@ impl Reflector {
             };
             for mut item in items {
                 self.fill_type(&mut item);
-                let key = key_of(self.kind, &item);
+                let key = ObjectKey::from_metadata(self.kind, &item);
                 match self.parse(item) {
                     Ok(o) => objects.push(o),
                     Err(e) => {
@@ -294,7 +294,10 @@ impl Reflector {
 
     fn apply(&mut self, mut value: Value) {
         self.fill_type(&mut value);
-        let origin = error_origin(self.kind, key_of(self.kind, &value).as_ref());
+        let origin = error_origin(
+            self.kind,
+            ObjectKey::from_metadata(self.kind, &value).as_ref(),
+        );
         match self.parse(value) {
             Ok(o) => {
                 self.store.upsert(&self.origin, o);
@@ -315,7 +318,7 @@ impl Reflector {
     }
 
     fn delete(&mut self, value: &Value) {
-        let Some(key) = key_of(self.kind, value) else {
+        let Some(key) = ObjectKey::from_metadata(self.kind, value) else {
             warn!(kind = %self.kind, "deletion of an unnamed object skipped");
             return;
         };
@@ -385,23 +388,6 @@ impl Backoff {
     }
 }
 
-/// The key an object has, from its metadata alone (so even an unparsable object has one).
-fn key_of(kind: Kind, v: &Value) -> Option<ObjectKey> {
-    let name = str_at(v, "/metadata/name").filter(|n| !n.is_empty())?;
-    let namespace = if kind.is_namespaced() {
-        str_at(v, "/metadata/namespace")
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "default".into())
-    } else {
-        String::new()
-    };
-    Some(ObjectKey {
-        kind,
-        namespace,
-        name,
-    })
-}
-
 /// Where one object's error is recorded: `kubernetes/Pod/apps/web-0`, `kubernetes/Namespace/apps`.
 fn error_origin(kind: Kind, key: Option<&ObjectKey>) -> String {
     match key {
@@ -438,20 +424,28 @@ mod tests {
     #[test]
     fn keys_and_error_origins() {
         let pod = json!({"metadata": {"name": "web-0", "namespace": "apps"}});
-        let key = key_of(Kind::Pod, &pod).unwrap();
+        let key = ObjectKey::from_metadata(Kind::Pod, &pod).unwrap();
         assert_eq!(
             error_origin(Kind::Pod, Some(&key)),
             "kubernetes/Pod/apps/web-0"
         );
         let ns = json!({"metadata": {"name": "apps", "namespace": "ignored"}});
-        let key = key_of(Kind::Namespace, &ns).unwrap();
+        let key = ObjectKey::from_metadata(Kind::Namespace, &ns).unwrap();
         assert_eq!(
             error_origin(Kind::Namespace, Some(&key)),
             "kubernetes/Namespace/apps"
         );
         let bare = json!({"metadata": {"name": "p"}});
-        assert_eq!(key_of(Kind::Pod, &bare).unwrap().namespace, "default");
-        assert_eq!(key_of(Kind::Pod, &json!({"metadata": 3})), None);
-        assert_eq!(key_of(Kind::Pod, &json!("junk")), None);
+        assert_eq!(
+            ObjectKey::from_metadata(Kind::Pod, &bare)
+                .unwrap()
+                .namespace,
+            "default"
+        );
+        assert_eq!(
+            ObjectKey::from_metadata(Kind::Pod, &json!({"metadata": 3})),
+            None
+        );
+        assert_eq!(ObjectKey::from_metadata(Kind::Pod, &json!("junk")), None);
     }
 }
