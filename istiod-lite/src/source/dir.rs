@@ -27,6 +27,13 @@ pub struct DirSource {
     dir: PathBuf,
     poll: Duration,
     settle: Duration,
+    /// Started before the first read, so no change can slip in between.
+    watching: std::sync::Mutex<Option<Watching>>,
+}
+
+struct Watching {
+    _watcher: Option<notify::RecommendedWatcher>,
+    events: tokio::sync::mpsc::Receiver<()>,
 }
 
 /// What identifies a version of a file without reading it.
@@ -43,6 +50,19 @@ impl DirSource {
             dir: dir.into(),
             poll: DEFAULT_POLL,
             settle: DEFAULT_SETTLE,
+            watching: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Starts watching (once): before any read, so a change made during it is noticed.
+    fn start_watching(&self) {
+        let mut w = self.watching.lock().expect("watch lock poisoned");
+        if w.is_none() {
+            let (tx, events) = tokio::sync::mpsc::channel::<()>(1);
+            *w = Some(Watching {
+                _watcher: watch_events(&self.dir, tx),
+                events,
+            });
         }
     }
 
@@ -53,6 +73,7 @@ impl DirSource {
 
     /// Reads every file once. Fails only if the directory itself cannot be read.
     pub fn load(&self, store: &Store) -> anyhow::Result<()> {
+        self.start_watching();
         let files = scan(&self.dir)?;
         for path in files.keys() {
             load_file(path, store);
@@ -71,13 +92,19 @@ impl Source for DirSource {
         store: Store,
     ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> {
         Box::pin(async move {
+            self.start_watching();
+            let Some(Watching {
+                _watcher,
+                mut events,
+            }) = self.watching.lock().expect("watch lock poisoned").take()
+            else {
+                anyhow::bail!("the directory watch was not started");
+            };
             let mut known = scan(&self.dir)?;
             for path in known.keys() {
                 load_file(path, &store);
             }
             info!(dir = %self.dir.display(), files = known.len(), "config directory loaded");
-            let (tx, mut events) = tokio::sync::mpsc::channel::<()>(1);
-            let _watcher = watch_events(&self.dir, tx);
             loop {
                 // Whichever comes first: an inotify event or the poll.
                 let _ = tokio::time::timeout(self.poll, events.recv()).await;
@@ -170,6 +197,9 @@ fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Stamp>> {
             };
             if meta.is_dir() {
                 stack.push(path);
+            } else if !meta.is_file() {
+                // A FIFO or device would block the reader forever.
+                continue;
             } else if [".yaml", ".yml", ".json"]
                 .iter()
                 .any(|ext| name.ends_with(ext))
