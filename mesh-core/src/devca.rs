@@ -310,3 +310,78 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(contents.as_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{WorkloadCert, identity_from_cert, parse_pem_certs};
+
+    /// An operator's CA: a root, and an intermediate that signs. Certificates come back as
+    /// leaf, intermediate, root, and two of them complete an mTLS handshake trusting the root
+    /// alone.
+    #[tokio::test]
+    async fn an_operator_provided_intermediate_signs_and_chains_to_its_root() {
+        let dir = std::env::temp_dir().join(format!("plugged-ca-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let root_key = KeyPair::generate().unwrap();
+        let root = root_params().unwrap().self_signed(&root_key).unwrap();
+        let root_issuer = Issuer::from_ca_cert_pem(&root.pem(), root_key).unwrap();
+        let int_key = KeyPair::generate().unwrap();
+        let mut int_params = root_params().unwrap();
+        int_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let int = int_params.signed_by(&int_key, &root_issuer).unwrap();
+        std::fs::write(dir.join(PLUGGED_CA_CERT), int.pem()).unwrap();
+        std::fs::write(dir.join(PLUGGED_CA_KEY), int_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join(PLUGGED_ROOT_CERT), root.pem()).unwrap();
+        std::fs::write(
+            dir.join(PLUGGED_CERT_CHAIN),
+            format!("{}{}", int.pem(), root.pem()),
+        )
+        .unwrap();
+
+        let ca = DevCa::load_plugged(&dir).unwrap();
+        assert_eq!(ca.roots_pem(), root.pem());
+        let id = SpiffeId::new("cluster.local", "ns", "sa").unwrap();
+        let (key, csr) = crate::certs::new_key_and_csr(&id).unwrap();
+        let chain = ca.sign(&id, &csr, Duration::from_secs(3600)).unwrap();
+        assert_eq!(chain.len(), 3, "leaf, intermediate, root");
+        assert_eq!(chain[1].trim(), int.pem().trim());
+        assert_eq!(chain[2].trim(), root.pem().trim());
+        let leaf = parse_pem_certs(&chain[0]).unwrap();
+        assert_eq!(identity_from_cert(&leaf[0]).unwrap(), id);
+        let roots = TrustRoots::from_pem(&root.pem()).unwrap();
+        let workload = |id: &SpiffeId, key, chain: &[String]| {
+            let mut certs = parse_pem_certs(&chain[0]).unwrap();
+            certs.extend(parse_pem_certs(&chain[1]).unwrap());
+            WorkloadCert::new(id.clone(), key, certs, roots.clone()).unwrap()
+        };
+        let server = workload(&id, key, &chain);
+        let client_id = SpiffeId::new("cluster.local", "ns", "client").unwrap();
+        let (ckey, ccsr) = crate::certs::new_key_and_csr(&client_id).unwrap();
+        let client = workload(
+            &client_id,
+            ckey,
+            &ca.sign(&client_id, &ccsr, Duration::from_secs(3600))
+                .unwrap(),
+        );
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
+        let connector =
+            tokio_rustls::TlsConnector::from(client.client_config(vec![id.clone()]).unwrap());
+        let (s, c) = tokio::join!(
+            acceptor.accept(a),
+            connector.connect(crate::tls::placeholder_server_name(), b)
+        );
+        s.expect("the server accepts the client's chain");
+        c.expect("the client accepts the server's chain");
+
+        // Without a chain file, the chain is the signing certificate then the root.
+        std::fs::remove_file(dir.join(PLUGGED_CERT_CHAIN)).unwrap();
+        assert_eq!(DevCa::load_plugged(&dir).unwrap().chain.len(), 2);
+        // A missing key is an error naming the file.
+        std::fs::remove_file(dir.join(PLUGGED_CA_KEY)).unwrap();
+        let e = DevCa::load_plugged(&dir).err().unwrap().to_string();
+        assert!(e.contains(PLUGGED_CA_KEY), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

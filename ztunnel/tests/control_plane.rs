@@ -768,3 +768,109 @@ async fn broken_yaml_keeps_serving_and_is_reported() {
     })
     .await;
 }
+
+/// Over the TLS port (15012): the ztunnels verify istiod-lite's serving certificate against the
+/// mesh root, authenticate with their tokens, trust only that pinned root for workload
+/// certificates, and carry traffic; a stream without a token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnels_follow_istiod_over_tls_with_tokens() {
+    bounded(async {
+        let cp = ControlPlane::new();
+        let mut icfg = IstiodConfig::new(SourceConfig::Directory(cp.config_dir.clone()));
+        icfg.state_dir = cp.state_dir.clone();
+        icfg.xds_plaintext_addr = None;
+        icfg.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
+        icfg.debug_addr = Some("127.0.0.1:0".parse().unwrap());
+        let istiod = Istiod::start(icfg).await.unwrap();
+        let tls = istiod.addrs.xds_tls.unwrap();
+        let root = cp.state_dir.join("ca/root-cert.pem");
+        assert!(
+            root.exists(),
+            "the self-managed root is in the state directory"
+        );
+
+        let ztunnel_for = |node: &str, with_token: bool| {
+            let token = cp.net.dir.join(format!("tls-token-{node}"));
+            std::fs::write(&token, istiod.node_tokens.token_for(node).unwrap()).unwrap();
+            let token_flag = if with_token {
+                format!("--token-file {}", token.display())
+            } else {
+                String::new()
+            };
+            let args = format!(
+                "--node {node} --xds-address https://{tls} --xds-root-cert {} {token_flag} \
+                 --outbound off --inbound-plaintext off --socks5 127.0.0.1:0 --admin 127.0.0.1:0 \
+                 --metrics 127.0.0.1:0 --readiness 127.0.0.1:0 --hbone-port {} --no-mark",
+                root.display(),
+                cp.net.hbone_port,
+            );
+            let mut cfg =
+                Config::from_args_and_env(args.split_whitespace().map(str::to_owned), |_| None)
+                    .unwrap();
+            cfg.handshake_timeout = Duration::from_millis(500);
+            cfg.drain_timeout = Duration::from_millis(200);
+            cfg
+        };
+
+        // Without a token the stream is refused and the ztunnel stays unready, saying why.
+        let cfg = ztunnel_for("node-a", false);
+        let anon = Ztunnel::start(cfg.clone(), ztunnel::app::cert_source(&cfg).unwrap())
+            .await
+            .unwrap();
+        eventually("the refusal is reported", async || {
+            config_dump(&anon)
+                .await
+                .to_string()
+                .contains("no bearer token")
+        })
+        .await;
+        assert_ne!(
+            http_get(anon.addrs.readiness.unwrap(), "/healthz/ready")
+                .await
+                .0,
+            200
+        );
+        anon.shutdown().await;
+
+        let start = |node: &'static str| {
+            let cfg = ztunnel_for(node, true);
+            async move {
+                Ztunnel::start(cfg.clone(), ztunnel::app::cert_source(&cfg).unwrap())
+                    .await
+                    .unwrap()
+            }
+        };
+        let a = start("node-a").await;
+        let b = start("node-b").await;
+        for z in [&a, &b] {
+            eventually("the ztunnel is ready over TLS", async || {
+                http_get(z.addrs.readiness.unwrap(), "/healthz/ready")
+                    .await
+                    .0
+                    == 200
+            })
+            .await;
+        }
+        let conns = debug_json(&istiod, "/debug/connections").await;
+        let who: Vec<&str> = conns["proxies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["authenticatedAs"].as_str())
+            .collect();
+        assert!(
+            who.contains(&"node node-a") && who.contains(&"node node-b"),
+            "{conns}"
+        );
+
+        let inbound = SocketAddr::new(cp.ip(20), cp.net.hbone_port);
+        eventually("node-b listens for HBONE on the server pod", async || {
+            b.inbound_addrs().contains(&inbound)
+        })
+        .await;
+        let _echo = echo_server(cp.server_addr()).await;
+        let s = cp.dial(&a, SocketAddr::new(cp.ip(200), 80)).await.unwrap();
+        round_trip(s, b"over the TLS control plane").await;
+    })
+    .await;
+}
