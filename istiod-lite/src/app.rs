@@ -79,8 +79,7 @@ impl Istiod {
             SourceConfig::Directory(dir) => {
                 let src = DirSource::new(dir).with_poll(cfg.dir_poll);
                 // Read once now so the first snapshot is the whole directory, not a prefix.
-                src.load(&store)
-                    .with_context(|| format!("reading config directory {}", dir.display()))?;
+                src.load(&store)?;
                 (Box::new(src), Arc::new(node_tokens.clone()))
             }
             SourceConfig::Kubernetes(k) => {
