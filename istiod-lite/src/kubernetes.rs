@@ -4,16 +4,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::auth::{AuthError, AuthFuture, Authenticator, Requester};
 use crate::config::KubeSettings;
-use crate::model::ObjectKey;
+use crate::model::{Kind, ObjectKey};
 use crate::source::Source;
 use crate::source::kube::{InitialSync, KubeClient, KubeConfig, KubeError, KubeSource};
+use crate::translate::status::CONTROLLER_NAME;
 use crate::xds::Snapshot;
+
+/// How soon a failed status write is tried again when nothing else changes.
+pub const STATUS_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The audience proxies put in the tokens they send (Istio's CA audience).
 pub const TOKEN_AUDIENCE: &str = "istio-ca";
@@ -92,14 +96,40 @@ impl Authenticator for TokenReviewer {
     }
 }
 
-/// Writes computed status to each object whose status changed, after every snapshot. A failed
-/// write is retried with the next snapshot.
+/// A route's `status.parents` is shared with other controllers (one entry per parent and
+/// controller), and a merge patch replaces a list whole: read it, keep the others' entries,
+/// replace ours, and write only if nobody wrote in between.
+async fn write_route_parents(
+    client: &KubeClient,
+    key: &ObjectKey,
+    ours: &Value,
+) -> Result<(), KubeError> {
+    let current = client.get(key).await?;
+    let rv = current["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_owned);
+    let mut parents: Vec<Value> = current["status"]["parents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+        .cloned()
+        .collect();
+    parents.extend(ours["parents"].as_array().into_iter().flatten().cloned());
+    client
+        .patch_status_at(key, json!({ "parents": parents }), rv.as_deref())
+        .await
+}
+
+/// Writes computed status to each object whose status changed, after every snapshot. Failed
+/// writes are retried after [`STATUS_RETRY`] (or sooner, with the next snapshot).
 pub async fn write_status(client: KubeClient, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
     let mut written: HashMap<ObjectKey, Value> = HashMap::new();
     loop {
+        let mut failed = false;
         let snap = snapshots.borrow_and_update().clone();
         // Forget objects that left: a re-created object gets its status written again.
-        let present: std::collections::HashSet<(crate::model::Kind, &str, &str)> = snap
+        let present: std::collections::HashSet<(Kind, &str, &str)> = snap
             .statuses
             .iter()
             .map(|s| (s.kind, s.namespace.as_str(), s.name.as_str()))
@@ -114,7 +144,12 @@ pub async fn write_status(client: KubeClient, mut snapshots: watch::Receiver<Arc
             if written.get(&key) == Some(&s.status) {
                 continue;
             }
-            match client.patch_status(&key, s.status.clone()).await {
+            let result = if matches!(key.kind, Kind::HTTPRoute | Kind::GRPCRoute) {
+                write_route_parents(&client, &key, &s.status).await
+            } else {
+                client.patch_status(&key, s.status.clone()).await
+            };
+            match result {
                 Ok(()) => {
                     debug!(object = %key, "status written");
                     written.insert(key, s.status.clone());
@@ -122,7 +157,14 @@ pub async fn write_status(client: KubeClient, mut snapshots: watch::Receiver<Arc
                 Err(e) => {
                     warn!(object = %key, error = %e, "writing status failed; will retry");
                     written.remove(&key);
+                    failed = true;
                 }
+            }
+        }
+        if failed {
+            match tokio::time::timeout(STATUS_RETRY, snapshots.changed()).await {
+                Ok(Err(_)) => return,
+                Ok(Ok(())) | Err(_) => continue,
             }
         }
         if snapshots.changed().await.is_err() {

@@ -164,6 +164,14 @@ async fn handle(
                 .body(UnsyncBoxBody::new(StreamBody::new(chunks)))
                 .unwrap()
         }
+        // A route as the API server holds it, with another controller's status entry.
+        Method::GET if path == ROUTE_STATUS.trim_end_matches("/status") => reply(
+            StatusCode::OK,
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "web-route", "namespace": "apps", "resourceVersion": "7"},
+                "status": {"parents": [{"parentRef": {"name": "edge"},
+                    "controllerName": "example.com/other-controller", "conditions": []}]}}),
+        ),
         Method::GET => match s.items.get(&path) {
             // List items carry no kind or apiVersion, as from a real API server.
             Some(items) => {
@@ -543,14 +551,19 @@ async fn kubernetes_mode_serves_config_signs_for_node_proxies_and_writes_status(
 
     eventually("the HTTPRoute's status", || {
         server.last_patch(ROUTE_STATUS).is_some_and(|(_, b)| {
-            let c = &b["status"]["parents"][0]["conditions"];
+            let c = &b["status"]["parents"][1]["conditions"];
             condition(c, "Accepted") == Some("True") && condition(c, "ResolvedRefs") == Some("True")
         })
     })
     .await;
     let (content_type, body) = server.last_patch(ROUTE_STATUS).unwrap();
     assert_eq!(content_type, "application/merge-patch+json");
-    let parent = &body["status"]["parents"][0];
+    // Another controller's entry is kept; the write is conditional on the version read.
+    assert_eq!(body["metadata"]["resourceVersion"], "7", "{body:#}");
+    let parents = body["status"]["parents"].as_array().unwrap();
+    assert_eq!(parents.len(), 2, "{body:#}");
+    assert_eq!(parents[0]["controllerName"], "example.com/other-controller");
+    let parent = &parents[1];
     assert_eq!(
         parent["parentRef"],
         json!({"group": "", "kind": "Service", "name": "web", "port": 80})

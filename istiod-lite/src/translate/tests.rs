@@ -499,36 +499,3 @@ fn translation_is_deterministic() {
     let b = run(MESH);
     assert_eq!(a.addresses, b.addresses);
 }
-
-/// Timing breakdown on a large mesh: `cargo test --release -p istiod-lite -- --ignored --nocapture large_mesh_timing`.
-#[test]
-#[ignore]
-fn large_mesh_timing() {
-    let dir = std::env::var("MESH_DIR").expect("MESH_DIR: a directory from `meshbench gen-mesh`");
-    let store = crate::store::Store::new();
-    crate::source::dir::DirSource::new(&dir)
-        .load(&store)
-        .unwrap();
-    for _ in 0..3 {
-        let t = std::time::Instant::now();
-        let state = store.state();
-        let t_state = t.elapsed();
-        let opts = MeshOptions::default();
-        let idx = Index::new(&state, &opts);
-        let t_idx = t.elapsed();
-        let mut out = Output::default();
-        policy::translate(&idx, &mut out);
-        let t_pol = t.elapsed();
-        workloads::translate(&idx, &mut out);
-        let t_wl = t.elapsed();
-        status::compute(&idx, &mut out);
-        let t_st = t.elapsed();
-        let snap = crate::xds::Snapshot::build(out, &crate::xds::Snapshot::default());
-        let t_b = t.elapsed();
-        drop(snap);
-        let t_drop = t.elapsed();
-        eprintln!(
-            "state {t_state:?} index {t_idx:?} policy {t_pol:?} workloads {t_wl:?} status {t_st:?} build {t_b:?} drop {t_drop:?}"
-        );
-    }
-}

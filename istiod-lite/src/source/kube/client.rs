@@ -193,11 +193,23 @@ impl KubeClient {
 
     /// Merge-patches `status` into the object's status subresource.
     pub async fn patch_status(&self, key: &ObjectKey, status: Value) -> Result<(), KubeError> {
-        let mut path = collection_path(key.kind, &key.namespace);
-        path.push('/');
-        path.push_str(&encode(&key.name));
+        self.patch_status_at(key, status, None).await
+    }
+
+    /// Like [`KubeClient::patch_status`], but only if the object is still at
+    /// `resource_version` (the API server answers 409 Conflict otherwise).
+    pub async fn patch_status_at(
+        &self,
+        key: &ObjectKey,
+        status: Value,
+        resource_version: Option<&str>,
+    ) -> Result<(), KubeError> {
+        let mut path = object_path(key);
         path.push_str("/status");
-        let patch = json!({ "status": status });
+        let mut patch = json!({ "status": status });
+        if let Some(rv) = resource_version {
+            patch["metadata"] = json!({ "resourceVersion": rv });
+        }
         self.request_json(
             Method::PATCH,
             &path,
@@ -208,6 +220,12 @@ impl KubeClient {
     }
 
     /// One page of a list of `kind` across all namespaces.
+    /// One object, as the API server has it.
+    pub async fn get(&self, key: &ObjectKey) -> Result<Value, KubeError> {
+        self.request_json(Method::GET, &object_path(key), None)
+            .await
+    }
+
     pub(crate) async fn list_page(
         &self,
         kind: Kind,
@@ -379,6 +397,13 @@ impl Drop for ConnGuard {
 }
 
 /// `/api/v1/pods`, `/apis/gateway.networking.k8s.io/v1/namespaces/ns/httproutes`.
+fn object_path(key: &ObjectKey) -> String {
+    let mut path = collection_path(key.kind, &key.namespace);
+    path.push('/');
+    path.push_str(&encode(&key.name));
+    path
+}
+
 fn collection_path(kind: Kind, namespace: &str) -> String {
     let version = kind.versions().first().copied().unwrap_or("v1");
     let mut path = if kind.group().is_empty() {
