@@ -1118,3 +1118,110 @@ mod tests {
         assert_eq!(parse_cidr("x/1"), None);
     }
 }
+
+/// Random damage to valid objects: parsing must reject or accept, never panic.
+#[cfg(test)]
+mod robustness {
+    use serde_json::{Value, json};
+
+    use super::Object;
+
+    fn samples() -> Vec<Value> {
+        vec![
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a", "namespace": "n",
+                "labels": {"app": "a", "istio.io/dataplane-mode": "ambient"},
+                "ownerReferences": [{"kind": "ReplicaSet", "name": "a-1"}]},
+                "spec": {"nodeName": "n1", "serviceAccountName": "sa",
+                    "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]},
+                "status": {"podIP": "198.18.0.1", "podIPs": [{"ip": "198.18.0.1"}],
+                    "conditions": [{"type": "Ready", "status": "True"}]}}),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                "spec": {"clusterIP": "198.19.0.1", "selector": {"app": "a"},
+                    "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}),
+            json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "p"}, "spec": {"action": "DENY",
+                    "selector": {"matchLabels": {"app": "a"}},
+                    "rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"], "principals": ["*"]}}],
+                        "to": [{"operation": {"ports": ["80"]}}],
+                        "when": [{"key": "source.ip", "values": ["::1/128"]}]}]}}),
+            json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                "metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "a"}},
+                    "mtls": {"mode": "STRICT"}, "portLevelMtls": {"80": {"mode": "PERMISSIVE"}}}}),
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": "r"}, "spec": {"parentRefs": [{"kind": "Service", "name": "s"}],
+                    "rules": [{"backendRefs": [{"name": "s", "port": 80}], "matches": []}]}}),
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "e", "labels": {"kubernetes.io/service-name": "s"}},
+                "endpoints": [{"addresses": ["198.18.0.1"], "targetRef": {"kind": "Pod", "name": "a"}}],
+                "ports": [{"name": "http", "port": 8080}]}),
+        ]
+    }
+
+    fn random_value(rng: &mut fastrand::Rng, depth: u32) -> Value {
+        match rng.u8(..9) {
+            0 => Value::Null,
+            1 => Value::Bool(rng.bool()),
+            2 => json!(rng.i64(..)),
+            3 => json!(rng.f64() * 1e300),
+            4 => json!(["-1", "65536", "0", "::", "1.2.3.4/99", "*", "", "STRICT"][rng.usize(..8)]),
+            5 => Value::String((0..rng.usize(..40)).map(|_| rng.char(..)).collect()),
+            6 if depth < 4 => Value::Array(
+                (0..rng.usize(..4))
+                    .map(|_| random_value(rng, depth + 1))
+                    .collect(),
+            ),
+            7 if depth < 4 => Value::Object(
+                (0..rng.usize(..4))
+                    .map(|i| (format!("k{i}"), random_value(rng, depth + 1)))
+                    .collect(),
+            ),
+            _ => json!(rng.u16(..)),
+        }
+    }
+
+    /// Replaces one random node of `v` (or a random key's value) with a random value.
+    fn mutate(rng: &mut fastrand::Rng, v: &mut Value) {
+        match v {
+            Value::Object(m) if !m.is_empty() && rng.u8(..4) != 0 => {
+                let k = m
+                    .keys()
+                    .nth(rng.usize(..m.len()))
+                    .cloned()
+                    .unwrap_or_default();
+                if let Some(child) = m.get_mut(&k) {
+                    mutate(rng, child);
+                }
+            }
+            Value::Array(a) if !a.is_empty() && rng.u8(..4) != 0 => {
+                let i = rng.usize(..a.len());
+                mutate(rng, &mut a[i]);
+            }
+            other => *other = random_value(rng, 0),
+        }
+    }
+
+    #[test]
+    fn damaged_objects_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(0x15710d);
+        let samples = samples();
+        for s in &samples {
+            Object::parse(s.clone()).expect("samples are valid");
+        }
+        let mut batch = Vec::new();
+        for i in 0..20_000 {
+            let mut v = samples[rng.usize(..samples.len())].clone();
+            for _ in 0..rng.usize(1..4) {
+                mutate(&mut rng, &mut v);
+            }
+            if let Ok(o) = Object::parse(v) {
+                batch.push(o);
+            }
+            // What parses must also translate, together with the valid objects it refers to.
+            if i % 50 == 49 {
+                let valid = samples.iter().map(|s| Object::parse(s.clone()).unwrap());
+                let st = crate::store::State::from_objects(valid.chain(batch.drain(..)));
+                crate::translate::translate(&st, &crate::translate::MeshOptions::default());
+            }
+        }
+    }
+}

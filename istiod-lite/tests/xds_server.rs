@@ -433,3 +433,70 @@ async fn a_large_push_is_split_and_converges_even_when_config_changes_midway() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&state).unwrap();
 }
+
+#[tokio::test]
+async fn misbehaving_proxies_do_not_disturb_others() {
+    let dir = tmpdir("cfg");
+    let state = tmpdir("state");
+    std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
+    let istiod = start(&dir, &state).await;
+    let ch = channel(&istiod).await;
+
+    // One proxy subscribes and never answers; another sends nonsense.
+    let mut silent = Stream::open(ch.clone()).await;
+    silent.subscribe(ADDRESS_TYPE_URL, &[]).await;
+    let _ = silent.next().await;
+    let mut rude = Stream::open(ch.clone()).await;
+    rude.send(DeltaDiscoveryRequest {
+        type_url: "type.googleapis.com/no.such.Type".into(),
+        ..Default::default()
+    })
+    .await;
+    rude.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        response_nonce: "never-sent".into(),
+        ..Default::default()
+    })
+    .await;
+    rude.subscribe(
+        ADDRESS_TYPE_URL,
+        &[("no/such".into(), "not-a-version".into())],
+    )
+    .await;
+    // What it claimed to hold but does not exist is removed; everything else is sent.
+    let r = rude.next().await;
+    assert_eq!(r.removed_resources, vec!["no/such"]);
+    assert_eq!(r.resources.len(), 3);
+
+    // A CSR that is not a CSR is refused with a reason, not a crash.
+    let mut ca = IstioCertificateServiceClient::new(ch.clone());
+    let mut req = ca_request(
+        &SpiffeId::new("cluster.local", "apps", "sa-a").unwrap(),
+        Some(&istiod.node_tokens.token_for("node-a").unwrap()),
+        true,
+    );
+    req.get_mut().csr =
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into();
+    let err = ca.create_certificate(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // A well-behaved proxy still gets its config and every change.
+    let mut good = Stream::open(ch).await;
+    good.subscribe(ADDRESS_TYPE_URL, &[]).await;
+    let first = good.next().await;
+    assert_eq!(first.resources.len(), 3);
+    good.ack(&first).await;
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        MESH.replace("198.18.0.1", "198.18.0.9"),
+    )
+    .unwrap();
+    let delta = good.next().await;
+    assert_eq!(names(&delta), vec!["Kubernetes//Pod/apps/a"]);
+    drop(rude);
+    drop(silent);
+
+    istiod.shutdown();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+}
