@@ -44,7 +44,7 @@ pids+=($!)
 wait_ready http://127.0.10.254:15014/ready istiod-lite
 
 start_ztunnel() { # node ip
-  "$ist" node-token --node "$1" --state-dir "$state/istiod" >"$state/$1.token"
+  "$ist" node-token --node "$1" --state-dir "$state/istiod" --out "$state/$1.token"
   "$zt" --node "$1" --xds-address http://127.0.10.254:15010 --token-file "$state/$1.token" \
     --socks5 "$2:15080" --admin "$2:15000" --metrics "$2:15020" --readiness "$2:15021" \
     --outbound off --inbound-plaintext off --no-mark >"$state/ztunnel-$1.log" 2>&1 &

@@ -133,7 +133,7 @@ impl Config {
 }
 
 pub const USAGE: &str = "usage: istiod-lite (--config-dir DIR | --kubernetes) [options]
-       istiod-lite node-token --node NAME [--state-dir DIR]
+       istiod-lite node-token --node NAME [--state-dir DIR] [--out FILE]
   --config-dir DIR          read Kubernetes YAML from DIR and watch it (env CONFIG_DIR)
   --kubernetes              watch the Kubernetes API (in-cluster credentials unless given:)
   --kube-api URL            API server URL

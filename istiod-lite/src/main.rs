@@ -34,9 +34,11 @@ fn run(args: Vec<String>) -> anyhow::Result<()> {
     })
 }
 
-/// Prints the bootstrap token of a node (creating it on first use).
+/// Prints the bootstrap token of a node (creating it on first use), or writes it to a file
+/// (mode 0600, no trailing newline: some proxies send a token file's bytes as they are).
 fn node_token(args: &[String]) -> anyhow::Result<()> {
     let mut node = None;
+    let mut out: Option<PathBuf> = None;
     let mut state_dir = std::env::var(STATE_DIR_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(DEFAULT_STATE_DIR));
@@ -47,11 +49,28 @@ fn node_token(args: &[String]) -> anyhow::Result<()> {
             "--state-dir" => {
                 state_dir = it.next().context("--state-dir needs a value")?.into();
             }
+            "--out" => out = Some(it.next().context("--out needs a value")?.into()),
             other => anyhow::bail!("unknown flag {other:?}\n{USAGE}"),
         }
     }
     let node = node.context("node-token needs --node NAME")?;
-    println!("{}", NodeTokens::new(&state_dir).token_for(&node)?);
+    let token = NodeTokens::new(&state_dir).token_for(&node)?;
+    match out {
+        None => println!("{token}"),
+        Some(path) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            f.write_all(token.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     Ok(())
 }
 
