@@ -8,8 +8,7 @@
 //! pointers as last time reuses its previous resources without translating or encoding them
 //! again. A single pod change therefore costs one namespace, not the mesh.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use prost::Message;
@@ -21,7 +20,9 @@ use crate::translate::{self, MeshOptions, ObjectStatus};
 
 /// One namespace's translated and encoded output.
 struct Entry {
-    fingerprint: u64,
+    /// The objects it was translated from. Holding them keeps their allocations alive, so a
+    /// pointer that compares equal really is the same version of the object.
+    inputs: Vec<Arc<Object>>,
     addresses: Vec<Arc<Resource>>,
     authorizations: Vec<Arc<Resource>>,
     statuses: Vec<ObjectStatus>,
@@ -31,6 +32,8 @@ struct Entry {
 pub struct SnapshotBuilder {
     opts: MeshOptions,
     cache: HashMap<String, Entry>,
+    /// The shared input of the last build, held for the same reason as `Entry::inputs`.
+    shared: Vec<Arc<Object>>,
 }
 
 impl SnapshotBuilder {
@@ -38,6 +41,7 @@ impl SnapshotBuilder {
         Self {
             opts,
             cache: HashMap::new(),
+            shared: Vec::new(),
         }
     }
 
@@ -47,8 +51,16 @@ impl SnapshotBuilder {
         // Objects by namespace, and the shared input every namespace sees.
         let mut by_ns: BTreeMap<&str, Vec<(&ObjectKey, &Arc<Object>)>> = BTreeMap::new();
         let mut shared: Vec<(&ObjectKey, &Arc<Object>)> = Vec::new();
+        // Services that EndpointSlices name for pods in other namespaces: those pods'
+        // namespaces read them, so they are shared.
+        let cross_services = cross_namespace_services(state);
+        // The root namespace always has an entry: it carries the static strict policy even
+        // when nothing else lives there.
+        by_ns.entry(root).or_default();
         for (k, o) in &state.objects {
-            if is_shared(k, o, root) {
+            let cross = k.kind == Kind::Service
+                && cross_services.contains(&(k.namespace.as_str(), k.name.as_str()));
+            if cross || is_shared(k, o, root) {
                 shared.push((k, o));
             }
             if k.kind == Kind::Namespace {
@@ -58,15 +70,17 @@ impl SnapshotBuilder {
             }
         }
         // The root namespace's resources depend on PeerAuthentications anywhere (the static
-        // strict policy exists when any does), which are shared: covered below.
-        let shared_fp = fingerprint(shared.iter().copied(), 0);
+        // strict policy exists when any does), which are shared.
+        let shared_same = same(&self.shared, shared.iter().map(|(_, o)| *o));
+        if !shared_same {
+            self.shared = shared.iter().map(|(_, o)| Arc::clone(o)).collect();
+        }
 
         let mut next_cache = HashMap::with_capacity(by_ns.len());
         for (ns, objects) in &by_ns {
-            let fp = fingerprint(objects.iter().copied(), shared_fp);
             let entry = match self.cache.remove(*ns) {
-                Some(e) if e.fingerprint == fp => e,
-                _ => self.translate_namespace(ns, objects, &shared, fp, prev),
+                Some(e) if shared_same && same(&e.inputs, objects.iter().map(|(_, o)| *o)) => e,
+                _ => self.translate_namespace(ns, objects, &shared, prev),
             };
             next_cache.insert((*ns).to_owned(), entry);
         }
@@ -116,7 +130,6 @@ impl SnapshotBuilder {
         ns: &str,
         objects: &[(&ObjectKey, &Arc<Object>)],
         shared: &[(&ObjectKey, &Arc<Object>)],
-        fingerprint: u64,
         prev: &Snapshot,
     ) -> Entry {
         let mut sub = State::default();
@@ -160,7 +173,7 @@ impl SnapshotBuilder {
                 .collect(),
         );
         Entry {
-            fingerprint,
+            inputs: objects.iter().map(|(_, o)| Arc::clone(o)).collect(),
             addresses,
             authorizations,
             statuses: out
@@ -198,18 +211,31 @@ fn is_shared(k: &ObjectKey, o: &Object, root: &str) -> bool {
     }
 }
 
-/// Identifies a set of object versions by their pointers (the store keeps an object's `Arc`
-/// until the object changes).
-fn fingerprint<'a>(
-    objects: impl Iterator<Item = (&'a ObjectKey, &'a Arc<Object>)>,
-    seed: u64,
-) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    seed.hash(&mut h);
-    for (_, o) in objects {
-        (Arc::as_ptr(o) as usize).hash(&mut h);
-    }
-    h.finish()
+/// Whether `now` is exactly the objects held (same versions, same order).
+fn same<'a>(held: &[Arc<Object>], now: impl ExactSizeIterator<Item = &'a Arc<Object>>) -> bool {
+    held.len() == now.len() && held.iter().zip(now).all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+/// `(namespace, name)` of Services whose EndpointSlices name pods in another namespace.
+fn cross_namespace_services(state: &State) -> HashSet<(&str, &str)> {
+    state
+        .of_kind(Kind::EndpointSlice)
+        .filter_map(|o| match &**o {
+            Object::EndpointSlice(s) => Some(s),
+            _ => None,
+        })
+        .filter(|s| {
+            s.endpoints.iter().any(|e| {
+                e.target_ref
+                    .as_ref()
+                    .is_some_and(|t| !t.namespace.is_empty() && t.namespace != s.metadata.namespace)
+            })
+        })
+        .filter_map(|s| {
+            let svc = s.metadata.labels.get(crate::model::SERVICE_NAME_LABEL)?;
+            Some((s.metadata.namespace.as_str(), svc.as_str()))
+        })
+        .collect()
 }
 
 fn delta(
@@ -234,6 +260,7 @@ fn delta(
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
     use serde::Deserialize;
 
     use super::*;
@@ -339,5 +366,67 @@ spec: {selector: {matchLabels: {app: p}}, rules: [{}]}
             s4.deltas[mesh_proto::ADDRESS_TYPE_URL].removed,
             vec!["Kubernetes//Pod/b/q"]
         );
+    }
+
+    #[test]
+    fn an_object_replaced_between_builds_is_never_mistaken_for_the_old_one() {
+        // Freed and reallocated objects often land at the same address: each build must still
+        // see the new version.
+        let mut b = SnapshotBuilder::new(MeshOptions::default());
+        let mut prev = Snapshot::default();
+        for i in 0..100u8 {
+            let ip = format!("198.18.1.{}", i + 1);
+            let st = state(&MESH.replace("198.18.0.2", &ip));
+            let next = b.build(&st, &prev);
+            drop(st);
+            let r = &next.of_type(mesh_proto::ADDRESS_TYPE_URL).unwrap()["Kubernetes//Pod/b/q"];
+            let a = mesh_proto::workload::Address::decode(r.body.as_slice()).unwrap();
+            let Some(mesh_proto::workload::address::Type::Workload(w)) = a.r#type else {
+                panic!("not a workload")
+            };
+            assert_eq!(w.addresses, vec![vec![198, 18, 1, i + 1]], "build {i}");
+            prev = next;
+        }
+    }
+
+    #[test]
+    fn cross_namespace_inputs_and_an_empty_root_namespace_match_a_full_translation() {
+        let yaml = format!(
+            "{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: ext, namespace: a}}
+spec: {{clusterIP: 198.19.0.9, ports: [{{name: web, port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: ext-1, namespace: a, labels: {{kubernetes.io/service-name: ext}}}}
+endpoints: [{{addresses: [198.18.0.2], targetRef: {{kind: Pod, name: q, namespace: b}}}}]
+ports: [{{name: web, port: 8080}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: strict, namespace: a}}
+spec: {{mtls: {{mode: STRICT}}}}
+",
+            MESH.split("---")
+                .filter(|d| !d.contains("istio-system"))
+                .collect::<Vec<_>>()
+                .join("---")
+        );
+        let st = state(&yaml);
+        let mut b = SnapshotBuilder::new(MeshOptions::default());
+        let s1 = b.build(&st, &Snapshot::default());
+        assert_same_as_full(&s1, &st);
+        assert!(
+            s1.of_type(mesh_proto::AUTHORIZATION_TYPE_URL)
+                .unwrap()
+                .contains_key("istio-system/istio_converted_static_strict"),
+            "the static strict policy exists with nothing in the root namespace"
+        );
+        // Changing the service in `a` reaches the pod in `b`.
+        let st2 = state(&yaml.replace("port: 80}", "port: 81}"));
+        let s2 = b.build(&st2, &s1);
+        assert_same_as_full(&s2, &st2);
     }
 }
