@@ -112,14 +112,15 @@ impl Store {
 
     /// Replaces everything `origin` holds with `objects`. Objects named in `keep` (their new
     /// version was rejected) keep the version this origin had. An object another origin already
-    /// holds is refused with an error naming both.
+    /// holds is refused with an error naming both; returns how many were refused that way.
     pub fn replace_origin(
         &self,
         origin: &str,
         objects: Vec<Object>,
         keep: &[ObjectKey],
         mut errors: Vec<ConfigError>,
-    ) {
+    ) -> usize {
+        let mut refused = 0;
         let origin: Arc<str> = origin.into();
         let mut inner = self.inner.lock().expect("store lock poisoned");
         let old = inner.by_origin.remove(&origin).unwrap_or_default();
@@ -133,6 +134,7 @@ impl Store {
         for o in objects {
             let key = o.key();
             if let Some(other) = inner.owner.get(&key).filter(|o| **o != origin) {
+                refused += 1;
                 errors.push(ConfigError {
                     origin: origin.to_string(),
                     error: ObjectError {
@@ -186,6 +188,7 @@ impl Store {
         if changed || had_errors {
             self.changed.send_modify(|g| *g += 1);
         }
+        refused
     }
 
     /// Adds or replaces one object under `origin`.

@@ -101,8 +101,13 @@ impl Source for DirSource {
                 anyhow::bail!("the directory watch was not started");
             };
             let mut known = scan(&self.dir)?;
+            let mut conflicted = std::collections::BTreeSet::new();
             for path in known.keys() {
-                load_file(path, &store);
+                set_conflicted(&mut conflicted, path, load_file(path, &store));
+            }
+            let retry: Vec<PathBuf> = conflicted.iter().cloned().collect();
+            for path in retry {
+                set_conflicted(&mut conflicted, &path, load_file(&path, &store));
             }
             info!(dir = %self.dir.display(), files = known.len(), "config directory loaded");
             loop {
@@ -128,14 +133,23 @@ impl Source for DirSource {
                         Err(_) => break,
                     }
                 }
-                for (path, stamp) in &now {
-                    if known.get(path) != Some(stamp) {
-                        load_file(path, &store);
-                    }
-                }
+                // Removals first, so a renamed file's objects are not refused as duplicates of
+                // the file they came from.
                 for path in known.keys().filter(|p| !now.contains_key(*p)) {
                     info!(file = %path.display(), "config file removed");
                     store.replace_origin(&path.display().to_string(), vec![], &[], vec![]);
+                    conflicted.remove(path);
+                }
+                for (path, stamp) in &now {
+                    if known.get(path) != Some(stamp) {
+                        set_conflicted(&mut conflicted, path, load_file(path, &store));
+                    }
+                }
+                // Objects refused because another file held them may be free now (moved
+                // between files): read those files once more.
+                let retry: Vec<PathBuf> = conflicted.iter().cloned().collect();
+                for path in retry {
+                    set_conflicted(&mut conflicted, &path, load_file(&path, &store));
                 }
                 known = now;
             }
@@ -195,8 +209,12 @@ fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Stamp>> {
             let Ok(meta) = std::fs::metadata(&path) else {
                 continue;
             };
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
             if meta.is_dir() {
-                stack.push(path);
+                // Symlinked directories are not followed: a loop would never end.
+                if !is_link {
+                    stack.push(path);
+                }
             } else if !meta.is_file() {
                 // A FIFO or device would block the reader forever.
                 continue;
@@ -218,22 +236,31 @@ fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Stamp>> {
     Ok(out)
 }
 
+fn set_conflicted(set: &mut std::collections::BTreeSet<PathBuf>, path: &Path, refused: usize) {
+    if refused > 0 {
+        set.insert(path.to_owned());
+    } else {
+        set.remove(path);
+    }
+}
+
 /// Reads one file into the store. Objects that fail to parse keep their previous version; a
-/// file that cannot be read or is not YAML at all keeps everything it had.
-fn load_file(path: &Path, store: &Store) {
+/// file that cannot be read or is not YAML at all keeps everything it had. Returns how many
+/// objects were refused because another file defines them.
+fn load_file(path: &Path, store: &Store) -> usize {
     let origin = path.display().to_string();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
             store.set_errors(&origin, vec![file_error(&origin, "reading", e.to_string())]);
-            return;
+            return 0;
         }
     };
     let docs = match split_documents(&text) {
         Ok(d) => d,
         Err(message) => {
             store.set_errors(&origin, vec![file_error(&origin, "YAML", message)]);
-            return;
+            return 0;
         }
     };
     let mut objects = Vec::new();
@@ -254,7 +281,7 @@ fn load_file(path: &Path, store: &Store) {
         }
     }
     debug!(file = %origin, objects = objects.len(), errors = errors.len(), "config file read");
-    store.replace_origin(&origin, objects, &keep, errors);
+    store.replace_origin(&origin, objects, &keep, errors)
 }
 
 fn file_error(origin: &str, field: &str, message: String) -> ConfigError {
@@ -385,6 +412,52 @@ mod tests {
         std::fs::remove_file(d.join("a.yaml")).unwrap();
         wait(1, store.clone()).await;
         assert!(rx.has_changed().unwrap());
+        task.abort();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn renaming_a_file_or_moving_objects_between_files_loses_nothing() {
+        let d = tmpdir();
+        let ns = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n");
+        std::fs::write(d.join("b.yaml"), format!("{}---\n{}", ns("one"), ns("two"))).unwrap();
+        std::fs::write(d.join("z.yaml"), ns("three")).unwrap();
+        let store = Store::new();
+        let task = tokio::spawn(
+            Box::new(DirSource::new(&d).with_poll(Duration::from_millis(10))).run(store.clone()),
+        );
+        let names = |store: &Store| {
+            store
+                .state()
+                .of_kind(Kind::Namespace)
+                .map(|o| o.metadata().name.clone())
+                .collect::<Vec<_>>()
+        };
+        let settle = |store: Store, want: Vec<&'static str>| async move {
+            for _ in 0..300 {
+                if names(&store) == want && store.errors().is_empty() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!(
+                "wanted {want:?}, have {:?}, errors {:?}",
+                names(&store),
+                store.errors()
+            );
+        };
+        settle(store.clone(), vec!["one", "three", "two"]).await;
+        // A rename: the new name sorts before the old one's removal is seen.
+        std::fs::rename(d.join("b.yaml"), d.join("a.yaml")).unwrap();
+        settle(store.clone(), vec!["one", "three", "two"]).await;
+        // An object moves from the last file to the first, in one go.
+        std::fs::write(
+            d.join("a.yaml"),
+            format!("{}---\n{}---\n{}", ns("one"), ns("two"), ns("three")),
+        )
+        .unwrap();
+        std::fs::write(d.join("z.yaml"), "").unwrap();
+        settle(store.clone(), vec!["one", "three", "two"]).await;
         task.abort();
         std::fs::remove_dir_all(&d).unwrap();
     }
