@@ -39,6 +39,8 @@ pub const SERVING_NAMES: [&str; 3] = [
 /// Serving certificate lifetime; it is re-issued at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest xDS request accepted.
+pub const MAX_REQUEST_BYTES: usize = 96 << 20;
 /// Concurrent connections per listener; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
 
@@ -52,9 +54,10 @@ pub struct Services {
 impl Services {
     pub fn new(ads: AdsService, ca: Option<CaService>) -> Self {
         Self {
-            // Large initial pushes are split by the server; a proxy's requests stay small.
+            // Large pushes are split by the server. A reconnecting proxy's first request lists
+            // every resource it holds (about 70 bytes each): room for a million.
             ads: AggregatedDiscoveryServiceServer::new(ads)
-                .max_decoding_message_size(4 << 20)
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(64 << 20),
             ca: ca.map(IstioCertificateServiceServer::new),
         }

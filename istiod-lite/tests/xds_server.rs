@@ -13,6 +13,7 @@ use mesh_proto::ca::istio_certificate_service_client::IstioCertificateServiceCli
 use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -428,6 +429,37 @@ async fn a_large_push_is_split_and_converges_even_when_config_changes_midway() {
     assert!(want.contains_key(&format!("Kubernetes//Pod/apps/pod-{n:05}")));
     assert!(!want.contains_key(&format!("Kubernetes//Pod/apps/pod-{:05}", n - 1)));
     assert_eq!(held, want, "the split push converged on the current config");
+
+    // Removing most pods at once: the removals are split too, and the proxy converges.
+    let mut few = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}\n",
+    );
+    for i in 0..20 {
+        few.push_str(&pod(i, &ip(i)));
+    }
+    std::fs::write(dir.join("mesh.yaml"), few).unwrap();
+    let mut removals = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while held.len() != 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never converged: {}",
+            held.len()
+        );
+        let r = s.next().await;
+        assert!(
+            r.encoded_len() <= 16 * 1024 + 1024,
+            "a response of {} bytes",
+            r.encoded_len()
+        );
+        removals += usize::from(!r.removed_resources.is_empty());
+        apply(&mut held, &r);
+        s.ack(&r).await;
+    }
+    assert!(
+        removals > 1,
+        "the removals were split over {removals} responses"
+    );
 
     istiod.shutdown();
     std::fs::remove_dir_all(&dir).unwrap();

@@ -31,6 +31,8 @@ pub use resources::{Resources, TYPE_URLS};
 /// First reconnect delay; doubled (with jitter) after each failure up to [`MAX_BACKOFF`], and
 /// back to this after a stream that delivered config.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// The largest xDS response accepted.
+pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 
 /// The xDS node ztunnel presents: `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`
@@ -262,7 +264,10 @@ impl XdsClient {
         if let Some(c) = &self.cluster_id {
             request.metadata_mut().insert("clusterid", c.clone());
         }
-        let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone());
+        // A control plane that does not split large pushes may send more than gRPC's 4 MiB
+        // default in one response.
+        let mut client = AggregatedDiscoveryServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let mut inbound = match client.delta_aggregated_resources(request).await {
             Ok(r) => r.into_inner(),
             Err(status) => {

@@ -311,15 +311,32 @@ impl Connection {
             state.client = Holding::Snapshot(snap);
             return Ok(());
         }
-        let mut resources = Vec::new();
+        // Everything that goes on the wire counts against the budget: names, versions and
+        // type URLs as well as bodies, and removals too.
+        let per_resource = type_url.len() + 24;
         let mut bytes = 0;
         let mut more = false;
-        for r in &changed {
-            if bytes > 0 && bytes + r.body.len() > self.max_response_bytes {
+        let mut removed_now = Vec::new();
+        for n in removed {
+            if bytes > 0 && bytes + n.len() + 4 > self.max_response_bytes {
                 more = true;
                 break;
             }
-            bytes += r.body.len();
+            bytes += n.len() + 4;
+            removed_now.push(n);
+        }
+        let removed = removed_now;
+        let mut resources = Vec::new();
+        for r in &changed {
+            if more {
+                break;
+            }
+            let size = r.body.len() + r.name.len() + r.version.len() + per_resource;
+            if bytes > 0 && bytes + size > self.max_response_bytes {
+                more = true;
+                break;
+            }
+            bytes += size;
             resources.push(discovery::Resource {
                 name: r.name.clone(),
                 version: r.version.clone(),
