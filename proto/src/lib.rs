@@ -48,6 +48,9 @@ pub use istio::workload;
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `istio.security.Authorization` resources in xDS.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Ends `system_version_info` of a delta xDS response that is not the last part of a push
+/// split across several responses: a proxy should not count itself in sync on it.
+pub const PARTIAL_PUSH_SUFFIX: &str = "+partial";
 /// gRPC path of the certificate signing call.
 pub const CREATE_CERTIFICATE_PATH: &str =
     "/istio.v1.auth.IstioCertificateService/CreateCertificate";

@@ -306,7 +306,10 @@ impl XdsClient {
                 self.store.replace(resources.snapshot());
                 (self.on_change)();
             }
-            self.record(&resp.type_url, &resp.nonce, &applied, resources);
+            let partial = resp
+                .system_version_info
+                .ends_with(mesh_proto::PARTIAL_PUSH_SUFFIX);
+            self.record(&resp.type_url, &resp.nonce, &applied, resources, partial);
             if applied.is_ack() {
                 debug!(
                     type_url = %resp.type_url,
@@ -341,6 +344,7 @@ impl XdsClient {
         nonce: &str,
         applied: &resources::Applied,
         resources: &Resources,
+        partial: bool,
     ) {
         let mut s = self.status.lock();
         let Some(t) = s.types.get_mut(type_url) else {
@@ -349,7 +353,10 @@ impl XdsClient {
         t.resources = resources.len(type_url);
         match &applied.reply.error_detail {
             None => {
-                t.acked = true;
+                // The first parts of a split push leave the proxy unready until the rest.
+                if !partial {
+                    t.acked = true;
+                }
                 t.last_acked_nonce = Some(nonce.to_owned());
             }
             Some(e) => t.last_nack = Some(e.message.clone()),

@@ -194,7 +194,14 @@ async fn acks_nacks_and_resumes_with_what_it_holds() {
     assert!(ack.node.is_none());
     let want = SocketAddr::new(local_ip, mesh.hbone_port);
     assert_eq!(zt.inbound_addrs(), vec![want]);
-    // Not ready until policies were ACKed too.
+    // Not ready until policies were ACKed too, and not on the first part of a split push.
+    assert_eq!(http_get(ready_addr, "/healthz/ready").await.0, 503);
+    let mut part = push(AUTHORIZATION_TYPE_URL, "p0", vec![]);
+    part.system_version_info = format!("1{}", mesh_proto::PARTIAL_PUSH_SUFFIX);
+    s.responses.send(Ok(part)).unwrap();
+    let ack = next_request(&mut s).await;
+    assert_eq!(ack.response_nonce, "p0");
+    assert!(ack.error_detail.is_none());
     assert_eq!(http_get(ready_addr, "/healthz/ready").await.0, 503);
     let policy = security::Authorization {
         name: "deny-all".into(),

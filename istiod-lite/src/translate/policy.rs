@@ -17,6 +17,7 @@ use crate::model::{
 };
 
 /// The policy every workload in STRICT mode refers to: deny connections without a peer identity.
+/// Generated names contain `_`, which Kubernetes names cannot: they never collide with a user's.
 pub const STATIC_STRICT: &str = "istio_converted_static_strict";
 const CONVERTED_PREFIX: &str = "converted_peer_authentication_";
 

@@ -401,7 +401,12 @@ impl Connection {
             "push"
         );
         let resp = DeltaDiscoveryResponse {
-            system_version_info: snap.version.to_string(),
+            // A proxy must not count itself ready on the first part of a split push.
+            system_version_info: if more {
+                format!("{}{}", snap.version, mesh_proto::PARTIAL_PUSH_SUFFIX)
+            } else {
+                snap.version.to_string()
+            },
             resources,
             type_url: type_url.to_owned(),
             nonce,
