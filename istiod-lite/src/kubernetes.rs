@@ -43,27 +43,56 @@ pub fn source(client: &KubeClient) -> (Box<dyn Source>, InitialSync) {
     (Box::new(src), synced)
 }
 
-/// Checks bearer tokens with the API server's TokenReview.
+/// Checks bearer tokens with the API server's TokenReview, remembering answers for a minute
+/// so reconnect and certificate storms do not become TokenReview storms.
 pub struct TokenReviewer {
     client: KubeClient,
     audiences: Vec<String>,
+    cache: Arc<std::sync::Mutex<HashMap<u64, (std::time::Instant, Requester)>>>,
 }
+
+/// How long a positive TokenReview answer is reused.
+const REVIEW_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Tokens remembered at most; the cache is emptied when full.
+const REVIEW_CACHE_SIZE: usize = 10_000;
 
 impl TokenReviewer {
     pub fn new(client: KubeClient) -> Self {
         Self {
             client,
             audiences: vec![TOKEN_AUDIENCE.to_owned()],
+            cache: Default::default(),
         }
     }
 }
 
+/// Tokens are cached by a keyed hash, never stored.
+fn token_key(token: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEYS.get_or_init(Default::default).build_hasher();
+    h.write(token.as_bytes());
+    h.finish()
+}
+
 impl Authenticator for TokenReviewer {
     fn authenticate(&self, token: &str) -> AuthFuture {
+        let key = token_key(token);
+        {
+            let c = self.cache.lock().expect("review cache lock poisoned");
+            if let Some((at, who)) = c.get(&key)
+                && at.elapsed() < REVIEW_CACHE_TTL
+            {
+                let who = who.clone();
+                return Box::pin(async move { Ok(who) });
+            }
+        }
+        let cache = self.cache.clone();
         let client = self.client.clone();
         let audiences = self.audiences.clone();
         let token = token.to_owned();
-        Box::pin(async move {
+        let review = async move {
             let r = client
                 .token_review(&token, &audiences)
                 .await
@@ -92,6 +121,15 @@ impl Authenticator for TokenReviewer {
                     service_account: sa.to_owned(),
                 },
             })
+        };
+        Box::pin(async move {
+            let who = review.await?;
+            let mut c = cache.lock().expect("review cache lock poisoned");
+            if c.len() >= REVIEW_CACHE_SIZE {
+                c.clear();
+            }
+            c.insert(key, (std::time::Instant::now(), who.clone()));
+            Ok(who)
         })
     }
 }

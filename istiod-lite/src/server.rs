@@ -43,6 +43,10 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_REQUEST_BYTES: usize = 96 << 20;
 /// Concurrent connections per listener; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 4096;
+/// Concurrent connections from one address, so one peer cannot take every slot.
+const MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Concurrent streams per connection: a proxy needs one xDS stream and a few CA calls.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// The gRPC services, cheap to clone per request.
 #[derive(Clone)]
@@ -68,6 +72,8 @@ impl Services {
 pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, services: Services) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut conns = JoinSet::new();
+    let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Default::default();
     loop {
         while conns.try_join_next().is_some() {}
         let (tcp, addr) = match listener.accept().await {
@@ -83,10 +89,15 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, servic
             debug!(%addr, "connection limit reached; closing");
             continue;
         }
+        let Some(slot) = IpSlot::take(&per_ip, addr.ip()) else {
+            debug!(%addr, "per-address connection limit reached; closing");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let services = services.clone();
         let acceptor = acceptor.clone();
         conns.spawn(async move {
+            let _slot = slot;
             let peer = PeerInfo {
                 addr,
                 secure: acceptor.is_some(),
@@ -130,9 +141,45 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
     if let Err(e) = builder.serve_connection(io, svc).await {
         debug!(peer = %addr, error = %e, "gRPC connection ended");
+    }
+}
+
+/// One connection's place in the per-address count; released when dropped.
+struct IpSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl IpSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut c = counts.lock().expect("connection count lock poisoned");
+        let n = c.entry(ip).or_default();
+        if *n >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("connection count lock poisoned");
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
     }
 }
 

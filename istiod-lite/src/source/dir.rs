@@ -101,14 +101,14 @@ impl Source for DirSource {
                 anyhow::bail!("the directory watch was not started");
             };
             let mut known = scan(&self.dir)?;
-            let mut conflicted = std::collections::BTreeSet::new();
-            for path in known.keys() {
-                set_conflicted(&mut conflicted, path, load_file(path, &store));
-            }
-            let retry: Vec<PathBuf> = conflicted.iter().cloned().collect();
-            for path in retry {
-                set_conflicted(&mut conflicted, &path, load_file(&path, &store));
-            }
+            let (store2, now2) = (store.clone(), known.clone());
+            let mut conflicted = tokio::task::spawn_blocking(move || {
+                let mut conflicted = std::collections::BTreeSet::new();
+                apply_changes(&store2, &BTreeMap::new(), &now2, &mut conflicted);
+                conflicted
+            })
+            .await
+            .unwrap_or_default();
             info!(dir = %self.dir.display(), files = known.len(), "config directory loaded");
             loop {
                 // Whichever comes first: an inotify event or the poll.
@@ -133,24 +133,15 @@ impl Source for DirSource {
                         Err(_) => break,
                     }
                 }
-                // Removals first, so a renamed file's objects are not refused as duplicates of
-                // the file they came from.
-                for path in known.keys().filter(|p| !now.contains_key(*p)) {
-                    info!(file = %path.display(), "config file removed");
-                    store.replace_origin(&path.display().to_string(), vec![], &[], vec![]);
-                    conflicted.remove(path);
-                }
-                for (path, stamp) in &now {
-                    if known.get(path) != Some(stamp) {
-                        set_conflicted(&mut conflicted, path, load_file(path, &store));
-                    }
-                }
-                // Objects refused because another file held them may be free now (moved
-                // between files): read those files once more.
-                let retry: Vec<PathBuf> = conflicted.iter().cloned().collect();
-                for path in retry {
-                    set_conflicted(&mut conflicted, &path, load_file(&path, &store));
-                }
+                // Reading and parsing is blocking work: off the async threads.
+                let (store2, known2, now2) = (store.clone(), known.clone(), now.clone());
+                let mut conflicted2 = std::mem::take(&mut conflicted);
+                conflicted = tokio::task::spawn_blocking(move || {
+                    apply_changes(&store2, &known2, &now2, &mut conflicted2);
+                    conflicted2
+                })
+                .await
+                .unwrap_or_default();
                 known = now;
             }
         })
@@ -234,6 +225,31 @@ fn scan(dir: &Path) -> anyhow::Result<BTreeMap<PathBuf, Stamp>> {
         }
     }
     Ok(out)
+}
+
+/// Applies one round of file changes: removals first, so a renamed file's objects are not
+/// refused as duplicates of the file they came from; then changed files; then files whose
+/// objects were refused because another file held them (they may be free now).
+fn apply_changes(
+    store: &Store,
+    known: &BTreeMap<PathBuf, Stamp>,
+    now: &BTreeMap<PathBuf, Stamp>,
+    conflicted: &mut std::collections::BTreeSet<PathBuf>,
+) {
+    for path in known.keys().filter(|p| !now.contains_key(*p)) {
+        info!(file = %path.display(), "config file removed");
+        store.replace_origin(&path.display().to_string(), vec![], &[], vec![]);
+        conflicted.remove(path);
+    }
+    for (path, stamp) in now {
+        if known.get(path) != Some(stamp) {
+            set_conflicted(conflicted, path, load_file(path, store));
+        }
+    }
+    let retry: Vec<PathBuf> = conflicted.iter().cloned().collect();
+    for path in retry {
+        set_conflicted(conflicted, &path, load_file(&path, store));
+    }
 }
 
 fn set_conflicted(set: &mut std::collections::BTreeSet<PathBuf>, path: &Path, refused: usize) {
