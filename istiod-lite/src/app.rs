@@ -167,14 +167,24 @@ impl Istiod {
         let services = Services::new(ads, Some(ca_svc));
         if let Some(l) = plaintext {
             info!(addr = ?addrs.xds_plaintext, "xDS and CA listening (plaintext)");
-            tasks.push(tokio::spawn(server::serve(l, None, services.clone())));
+            tasks.push(tokio::spawn(server::serve(
+                l,
+                None,
+                services.clone(),
+                cfg.auth_deadline,
+            )));
         }
         if let Some(l) = tls {
             let serving = ServingCert::issue(&ca).context("issuing the serving certificate")?;
             let tls_cfg = serving.server_config()?;
             tasks.push(tokio::spawn(serving.rotate(ca.clone())));
             info!(addr = ?addrs.xds_tls, "xDS and CA listening (TLS)");
-            tasks.push(tokio::spawn(server::serve(l, Some(tls_cfg), services)));
+            tasks.push(tokio::spawn(server::serve(
+                l,
+                Some(tls_cfg),
+                services,
+                cfg.auth_deadline,
+            )));
         }
         if let Some(l) = debug_l {
             info!(addr = ?addrs.debug, "debug endpoints listening");

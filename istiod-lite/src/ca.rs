@@ -174,6 +174,9 @@ impl IstioCertificateService for CaService {
             };
             self.refuse(CaRefusal::unauthenticated, status)
         })?;
+        if let Some(p) = request.extensions().get::<crate::server::PeerInfo>() {
+            p.mark_authenticated();
+        }
         let req = request.into_inner();
         let bad = |msg: String| self.refuse(CaRefusal::bad_request, Status::invalid_argument(msg));
 

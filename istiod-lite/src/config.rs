@@ -50,6 +50,8 @@ pub struct Config {
     pub dir_poll: Duration,
     /// Resource bytes per xDS response before a push is split.
     pub max_response_bytes: usize,
+    /// A TLS connection with no authenticated caller by then is closed.
+    pub auth_deadline: Duration,
 }
 
 impl Config {
@@ -67,6 +69,7 @@ impl Config {
             max_push_delay: crate::xds::DEFAULT_MAX_DELAY,
             dir_poll: crate::source::dir::DEFAULT_POLL,
             max_response_bytes: crate::xds::ads::MAX_RESPONSE_BYTES,
+            auth_deadline: crate::server::AUTHENTICATION_DEADLINE,
         }
     }
 

@@ -28,7 +28,20 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// Arrived over TLS (15012): callers must authenticate.
     pub secure: bool,
+    /// Set by a service once a caller on this connection authenticated.
+    pub authenticated: Arc<std::sync::atomic::AtomicBool>,
 }
+
+impl PeerInfo {
+    pub fn mark_authenticated(&self) {
+        self.authenticated
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A TLS connection that has not authenticated a caller by then is closed, so idle
+/// connections cannot hold the listener's slots.
+pub const AUTHENTICATION_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Names on istiod-lite's serving certificate: the Kubernetes service name proxies dial.
 pub const SERVING_NAMES: [&str; 3] = [
@@ -69,7 +82,12 @@ impl Services {
 }
 
 /// Accepts connections until the task is dropped; dropping it closes every connection.
-pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, services: Services) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+    services: Services,
+    auth_deadline: Duration,
+) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut conns = JoinSet::new();
     let per_ip: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
@@ -101,11 +119,14 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, servic
             let peer = PeerInfo {
                 addr,
                 secure: acceptor.is_some(),
+                authenticated: Default::default(),
             };
             match acceptor {
-                None => serve_conn(TokioIo::new(tcp), peer, services).await,
+                None => serve_conn(TokioIo::new(tcp), peer, services, auth_deadline).await,
                 Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
-                    Ok(Ok(tls)) => serve_conn(TokioIo::new(tls), peer, services).await,
+                    Ok(Ok(tls)) => {
+                        serve_conn(TokioIo::new(tls), peer, services, auth_deadline).await
+                    }
                     Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%addr, "TLS handshake timed out"),
                 },
@@ -114,11 +135,13 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<ServerConfig>>, servic
     }
 }
 
-async fn serve_conn<I>(io: I, peer: PeerInfo, services: Services)
+async fn serve_conn<I>(io: I, peer: PeerInfo, services: Services, auth_deadline: Duration)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let addr = peer.addr;
+    let must_authenticate = peer.secure;
+    let authenticated = peer.authenticated.clone();
     let svc = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         req.extensions_mut().insert(peer.clone());
         let services = services.clone();
@@ -142,7 +165,21 @@ where
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
-    if let Err(e) = builder.serve_connection(io, svc).await {
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = &mut conn => r,
+        _ = tokio::time::sleep(auth_deadline), if must_authenticate => {
+            if authenticated.load(std::sync::atomic::Ordering::Relaxed) {
+                conn.await
+            } else {
+                // Dropped, not drained: it may not even have sent the HTTP/2 preface.
+                debug!(peer = %addr, "no authenticated caller within the deadline; closing");
+                return;
+            }
+        }
+    };
+    if let Err(e) = result {
         debug!(peer = %addr, error = %e, "gRPC connection ended");
     }
 }

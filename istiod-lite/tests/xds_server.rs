@@ -532,3 +532,54 @@ async fn misbehaving_proxies_do_not_disturb_others() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&state).unwrap();
 }
+
+#[tokio::test]
+async fn a_tls_connection_that_never_authenticates_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let dir = tmpdir("cfg");
+    let state = tmpdir("state");
+    std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
+    let istiod = start_with(&dir, &state, |c| {
+        c.xds_tls_addr = Some("127.0.0.1:0".parse().unwrap());
+        c.auth_deadline = Duration::from_millis(200);
+    })
+    .await;
+    let roots = istiod.ca.roots().clone();
+    let mut store = rustls::RootCertStore::empty();
+    for d in roots.ders() {
+        store.add(d.clone()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(mesh_core::crypto::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(istiod.addrs.xds_tls.unwrap())
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from("istiod.istio-system.svc").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("the serving certificate verifies against the mesh root");
+    // Say nothing: the server gives up on the connection after the deadline.
+    let mut buf = vec![0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the idle connection was still open after 5 s"
+    );
+
+    istiod.shutdown();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+}

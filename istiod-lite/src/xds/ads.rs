@@ -80,6 +80,9 @@ impl AggregatedDiscoveryService for AdsService {
                     .authenticate(token)
                     .await
                     .map_err(|e| Status::unauthenticated(e.to_string()))?;
+                if let Some(p) = &peer {
+                    p.mark_authenticated();
+                }
                 Some(who.to_string())
             }
             _ => None,
