@@ -126,53 +126,29 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
             if svc.spec.type_ == "ExternalName" {
                 continue;
             }
-            let ports = svc
-                .spec
-                .ports
-                .iter()
-                .filter(|p| is_tcp(&p.protocol))
-                .filter_map(|p| {
-                    let target = match &p.target_port {
-                        Some(IntOrString::Int(t)) => *t,
-                        None => p.port,
-                        Some(IntOrString::String(port_name)) => named_port(pod, port_name)?,
-                    };
-                    Some(workload::Port {
-                        service_port: p.port.into(),
-                        target_port: target.into(),
-                        app_protocol: app_protocol(p) as i32,
-                    })
-                })
-                .collect();
+            let ports = port_list(svc, |p| match &p.target_port {
+                Some(IntOrString::Int(t)) => Some(*t),
+                None => Some(p.port),
+                Some(IntOrString::String(port_name)) => named_port(pod, port_name),
+            });
             services.insert(
                 format!("{ns}/{}", idx.hostname(ns, &svc.metadata.name)),
-                PortList { ports },
+                ports,
             );
         }
         for (svc, slice) in slice_members.get(&(ns, name)).into_iter().flatten() {
             let svc_ns = svc.metadata.namespace.as_str();
-            let ports = svc
-                .spec
-                .ports
-                .iter()
-                .filter(|p| is_tcp(&p.protocol))
-                .filter_map(|p| {
-                    let target = slice
-                        .ports
-                        .iter()
-                        .flatten()
-                        .find(|sp| sp.name.as_deref().unwrap_or("") == p.name)
-                        .and_then(|sp| sp.port)?;
-                    Some(workload::Port {
-                        service_port: p.port.into(),
-                        target_port: target.into(),
-                        app_protocol: app_protocol(p) as i32,
-                    })
-                })
-                .collect();
+            let ports = port_list(svc, |p| {
+                slice
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|sp| sp.name.as_deref().unwrap_or("") == p.name)
+                    .and_then(|sp| sp.port)
+            });
             services.insert(
                 format!("{svc_ns}/{}", idx.hostname(svc_ns, &svc.metadata.name)),
-                PortList { ports },
+                ports,
             );
         }
 
@@ -285,6 +261,25 @@ fn policies_by_namespace(idx: &Index<'_>) -> HashMap<String, Vec<SelectorPolicy>
         v.sort_by(|a, b| a.1.cmp(&b.1));
     }
     out
+}
+
+/// A pod's ports for `svc`: each TCP service port with the target `target` finds for it on
+/// this pod; a port with no target here is left out.
+fn port_list(svc: &Service, target: impl Fn(&ServicePort) -> Option<u16>) -> PortList {
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .filter(|p| is_tcp(&p.protocol))
+        .filter_map(|p| {
+            Some(workload::Port {
+                service_port: p.port.into(),
+                target_port: target(p)?.into(),
+                app_protocol: app_protocol(p) as i32,
+            })
+        })
+        .collect();
+    PortList { ports }
 }
 
 fn is_tcp(protocol: &Option<String>) -> bool {
