@@ -10,6 +10,7 @@ pub mod local;
 pub mod memory;
 pub mod metrics;
 pub mod proxy;
+pub mod rbac;
 pub mod state;
 #[cfg(feature = "testing")]
 pub mod testing;

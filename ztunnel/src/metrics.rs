@@ -60,6 +60,8 @@ pub enum RefusalReason {
     no_local_workload,
     certificate_unavailable,
     handshake_failed,
+    /// An authorization policy denied the connection.
+    policy_denied,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -243,6 +245,8 @@ pub struct ConnectionRecord {
     /// their "sent" is server → client.
     tunnel_is_client: bool,
     error: Option<String>,
+    /// `namespace/name` of the authorization policy that denied the connection.
+    policy: Option<String>,
 }
 
 impl ConnectionRecord {
@@ -296,6 +300,7 @@ impl ConnectionRecord {
             bytes: Arc::new(ByteCounters::default()),
             tunnel_is_client: false,
             error: None,
+            policy: None,
         }
     }
 
@@ -307,6 +312,12 @@ impl ConnectionRecord {
 
     pub fn fail(&mut self, error: impl std::fmt::Display) {
         self.error = Some(error.to_string());
+    }
+
+    /// Records that `policy` (`namespace/name`) denied the connection, for `reason`.
+    pub fn deny(&mut self, policy: &str, reason: &str) {
+        self.policy = Some(policy.to_owned());
+        self.fail(reason);
     }
 }
 
@@ -357,9 +368,10 @@ impl Drop for ConnectionRecord {
                 )
             };
         }
-        match &self.error {
-            None => access!(info, "connection complete"),
-            Some(e) => access!(warn, error = %e, "connection failed"),
+        match (&self.error, &self.policy) {
+            (None, _) => access!(info, "connection complete"),
+            (Some(e), None) => access!(warn, error = %e, "connection failed"),
+            (Some(e), Some(p)) => access!(warn, error = %e, policy = %p, "connection denied"),
         }
     }
 }

@@ -9,7 +9,7 @@ use mesh_core::SpiffeId;
 
 pub mod policy;
 
-pub use policy::Authorization;
+pub use policy::{Authorization, PolicyScope};
 
 /// How traffic to a workload is carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -136,6 +136,10 @@ pub struct Snapshot {
     services_by_host: HashMap<String, Arc<Service>>,
     /// By `namespace/name`.
     policies: HashMap<String, Arc<Authorization>>,
+    /// GLOBAL policies, by key; built once so evaluation does not scan unrelated policies.
+    global_policies: Vec<Arc<Authorization>>,
+    /// NAMESPACE-scope policies by namespace, each list by key.
+    namespace_policies: HashMap<String, Vec<Arc<Authorization>>>,
 }
 
 /// Where an outbound connection goes.
@@ -190,6 +194,19 @@ impl Snapshot {
             s.policies
                 .insert(format!("{}/{}", p.namespace, p.name), Arc::new(p));
         }
+        let mut keyed: Vec<_> = s.policies.iter().collect();
+        keyed.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, p) in keyed {
+            match p.scope {
+                PolicyScope::Global => s.global_policies.push(p.clone()),
+                PolicyScope::Namespace => s
+                    .namespace_policies
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone()),
+                PolicyScope::WorkloadSelector => {}
+            }
+        }
         s
     }
 
@@ -209,9 +226,27 @@ impl Snapshot {
         self.services.values()
     }
 
-    /// Authorization policies, held for enforcement (not enforced yet).
+    /// Every authorization policy, in no particular order.
     pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
         self.policies.values()
+    }
+
+    /// The policy named `namespace/name`.
+    pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
+        self.policies.get(key)
+    }
+
+    /// GLOBAL-scope policies (they apply to every workload), ordered by key.
+    pub fn global_policies(&self) -> &[Arc<Authorization>] {
+        &self.global_policies
+    }
+
+    /// NAMESPACE-scope policies of `namespace`, ordered by key.
+    pub fn namespace_policies(&self, namespace: &str) -> &[Arc<Authorization>] {
+        self.namespace_policies
+            .get(namespace)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     /// Workloads running on `node`.

@@ -874,3 +874,45 @@ async fn ztunnels_follow_istiod_over_tls_with_tokens() {
     })
     .await;
 }
+
+/// An AuthorizationPolicy written as YAML reaches the ztunnels and is enforced on real
+/// traffic; editing it takes effect for new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_policy_from_yaml_is_enforced() {
+    bounded(async {
+        let cp = ControlPlane::new();
+        let (_istiod, a, b) = cp.start().await;
+        let _echo = echo_server(cp.server_addr()).await;
+        round_trip(cp.dial(&a, cp.server_addr()).await.unwrap(), b"before any policy").await;
+
+        let policy = |principal: &str| {
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: only, namespace: {NAMESPACE}}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  rules: [{{from: [{{source: {{principals: [{principal}]}}}}]}}]\n"
+            )
+        };
+        cp.put("policy.yaml", &policy("cluster.local/ns/apps/sa/someone-else"));
+        eventually("node-b holds the policy", async || {
+            config_dump(&b).await["policies"]
+                .as_array()
+                .is_some_and(|p| !p.is_empty())
+        })
+        .await;
+        let refused = cp.dial(&a, cp.server_addr()).await;
+        assert!(refused.is_err(), "the client is not allowed: {refused:?}");
+        let metrics = http_get(b.addrs.metrics.unwrap(), "/metrics").await.1;
+        assert!(
+            metrics.contains(
+                "ztunnel_connections_refused_total{direction=\"inbound\",reason=\"policy_denied\"} 1"
+            ),
+            "{metrics}"
+        );
+
+        cp.put("policy.yaml", &policy("cluster.local/ns/apps/sa/client"));
+        eventually("the client is allowed again", async || {
+            cp.dial(&a, cp.server_addr()).await.is_ok()
+        })
+        .await;
+        round_trip(cp.dial(&a, cp.server_addr()).await.unwrap(), b"allowed by policy").await;
+    })
+    .await;
+}

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::{ActiveGuard, ProxyState, accept_loop};
 use crate::metrics::{ConnectionRecord, Direction, Peer, RefusalReason, Reporter};
+use crate::rbac::{self, Verdict};
 use crate::state::Protocol;
 
 /// The set of per-workload HBONE listeners, kept in line with the local workloads.
@@ -293,7 +294,49 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         .and_then(|h| snap.service_by_host(&h))
         .filter(|s| s.endpoints.contains(&dst.uid))
         .map(|s| s.hostname.clone());
+    let verdict = rbac::evaluate(
+        &snap,
+        &dst,
+        &rbac::Connection {
+            src_identity: Some(connect.peer_identity.clone()),
+            src_ip: connect.peer_addr.ip(),
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+        },
+    );
     drop(snap);
+    let src = Peer {
+        addr: Some(connect.peer_addr),
+        workload: src_workload,
+        identity: Some(peer_id.clone()),
+    };
+    let dst = Peer {
+        addr: Some(target),
+        identity: Some(dst.identity.to_string()),
+        workload: Some(dst),
+    };
+    let open_record = |src: Peer, dst: Peer, service: Option<String>| {
+        ConnectionRecord::open(
+            &state.metrics,
+            Reporter::destination,
+            Direction::inbound,
+            src,
+            dst,
+            service,
+            true,
+        )
+        .client_on_tunnel_side()
+    };
+    if let Verdict::Deny { policy, reason } = verdict {
+        let mut record = open_record(src, dst, service);
+        record.deny(&policy, &reason);
+        return refuse(
+            connect,
+            StatusCode::UNAUTHORIZED,
+            RefusalReason::policy_denied,
+            reason,
+        );
+    }
 
     let upstream = state.dialer.connect(target, None);
     let upstream = match tokio::time::timeout(state.cfg.connect_timeout, upstream).await {
@@ -317,24 +360,7 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
             );
         }
     };
-    let mut record = ConnectionRecord::open(
-        &state.metrics,
-        Reporter::destination,
-        Direction::inbound,
-        Peer {
-            addr: Some(connect.peer_addr),
-            workload: src_workload,
-            identity: Some(peer_id),
-        },
-        Peer {
-            addr: Some(target),
-            identity: Some(dst.identity.to_string()),
-            workload: Some(dst),
-        },
-        service,
-        true,
-    )
-    .client_on_tunnel_side();
+    let mut record = open_record(src, dst, service);
     let stream = match connect.accept() {
         Ok(s) => s,
         Err(e) => return record.fail(format!("answering CONNECT: {e}")),

@@ -10,27 +10,68 @@ use tracing::warn;
 use super::outbound::copy_plain;
 use super::{ProxyState, orig_dst, reset};
 use crate::metrics::{ConnectionRecord, Direction, Peer, RefusalReason, Reporter};
+use crate::rbac::{self, Verdict};
 
 pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) {
     let Some(dst) = orig_dst::redirected_dst(&client, peer, "inbound_plaintext") else {
         return reset(client);
     };
-    let (dst_workload, src_workload) = {
-        let snap = state.store.snapshot();
-        (
-            snap.workload_by_ip(dst.ip())
-                .filter(|w| w.node == state.cfg.node_name)
-                .cloned(),
-            snap.workload_by_ip(peer.ip()).cloned(),
-        )
-    };
-    let Some(dst_workload) = dst_workload else {
+    let snap = state.store.snapshot();
+    let src_workload = snap.workload_by_ip(peer.ip()).cloned();
+    let Some(dst_workload) = snap
+        .workload_by_ip(dst.ip())
+        .filter(|w| w.node == state.cfg.node_name)
+        .cloned()
+    else {
         state
             .metrics
             .refused(Direction::inbound, RefusalReason::no_local_workload);
         warn!(%peer, %dst, component = "inbound_plaintext", "no local workload at the destination");
         return reset(client);
     };
+    // Plaintext carries no identity: positive identity matches fail, `not_principals` match.
+    let verdict = rbac::evaluate(
+        &snap,
+        &dst_workload,
+        &rbac::Connection {
+            src_identity: None,
+            src_ip: peer.ip(),
+            dst_ip: dst.ip(),
+            dst_port: dst.port(),
+        },
+    );
+    drop(snap);
+    let src = Peer {
+        addr: Some(peer),
+        workload: src_workload,
+        identity: None,
+    };
+    let dst_peer = Peer {
+        addr: Some(dst),
+        identity: Some(dst_workload.identity.to_string()),
+        workload: Some(dst_workload),
+    };
+    let open_record = |src: Peer, dst: Peer| {
+        ConnectionRecord::open(
+            &state.metrics,
+            Reporter::destination,
+            Direction::inbound,
+            src,
+            dst,
+            None,
+            false,
+        )
+    };
+    if let Verdict::Deny { policy, reason } = verdict {
+        state
+            .metrics
+            .refused(Direction::inbound, RefusalReason::policy_denied);
+        warn!(%peer, %dst, %policy, component = "inbound_plaintext", "connection denied by policy");
+        let mut record = open_record(src, dst_peer);
+        record.deny(&policy, &reason);
+        drop(record);
+        return reset(client);
+    }
     let upstream = match tokio::time::timeout(
         state.cfg.connect_timeout,
         state.dialer.connect(dst, None),
@@ -53,23 +94,7 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
             return reset(client);
         }
     };
-    let mut record = ConnectionRecord::open(
-        &state.metrics,
-        Reporter::destination,
-        Direction::inbound,
-        Peer {
-            addr: Some(peer),
-            workload: src_workload,
-            identity: None,
-        },
-        Peer {
-            addr: Some(dst),
-            identity: Some(dst_workload.identity.to_string()),
-            workload: Some(dst_workload),
-        },
-        None,
-        false,
-    );
+    let mut record = open_record(src, dst_peer);
     let bytes = record.bytes.clone();
     if let Err(e) = copy_plain(client, upstream, &bytes).await {
         record.fail(e);

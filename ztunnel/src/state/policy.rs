@@ -1,5 +1,5 @@
 //! L4 authorization policies as istiod-lite sends them (`istio.security.Authorization`), typed
-//! and held in the snapshot. Enforcement comes later; for now they are shown in `/config_dump`.
+//! and held in the snapshot, shown in `/config_dump` and enforced by [`crate::rbac`].
 //!
 //! A policy matches if any rule matches; a rule if all its clauses match; a clause if any of
 //! its matches matches; within a match, set fields are ANDed and the values of one field ORed.
