@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prost::Message;
 use tokio::sync::watch;
 use tracing::{debug, info};
 
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::translate::{MeshOptions, ObjectStatus, Output};
+use crate::translate::{MeshOptions, ObjectStatus};
 
 pub mod ads;
 pub mod builder;
@@ -70,67 +69,27 @@ impl Snapshot {
     pub fn of_type(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<Resource>>> {
         self.resources.get(type_url)
     }
+}
 
-    /// Builds the next snapshot from a translation. Resources whose encoding did not change
-    /// are shared with `prev` (and keep their version without being hashed again).
-    pub fn build(output: Output, prev: &Snapshot) -> Snapshot {
-        let mut resources = BTreeMap::new();
-        let mut deltas = BTreeMap::new();
-        let mut encode = |type_url: &'static str, items: Vec<(String, Vec<u8>)>| {
-            let empty = BTreeMap::new();
-            let old = prev.resources.get(type_url).unwrap_or(&empty);
-            let mut delta = Delta::default();
-            let now: BTreeMap<String, Arc<Resource>> = items
-                .into_iter()
-                .map(|(name, body)| {
-                    let r = match old.get(&name) {
-                        Some(r) if r.body == body => r.clone(),
-                        _ => {
-                            let hash = fnv1a(&body);
-                            let r = Arc::new(Resource {
-                                name: name.clone(),
-                                version: format!("{hash:016x}"),
-                                hash,
-                                body,
-                            });
-                            delta.changed.push(r.clone());
-                            r
-                        }
-                    };
-                    (name, r)
+impl Resource {
+    /// The resource `name` with encoding `body`: `prev`'s version of it when the bytes are the
+    /// same (shared, not hashed again), else a new one versioned by a hash of the bytes.
+    pub fn encode(
+        name: String,
+        body: Vec<u8>,
+        prev: Option<&BTreeMap<String, Arc<Resource>>>,
+    ) -> Arc<Resource> {
+        match prev.and_then(|p| p.get(&name)) {
+            Some(r) if r.body == body => r.clone(),
+            _ => {
+                let hash = fnv1a(&body);
+                Arc::new(Resource {
+                    name,
+                    version: format!("{hash:016x}"),
+                    hash,
+                    body,
                 })
-                .collect();
-            delta.removed = old
-                .keys()
-                .filter(|k| !now.contains_key(*k))
-                .cloned()
-                .collect();
-            resources.insert(type_url, now);
-            deltas.insert(type_url, delta);
-        };
-        encode(
-            mesh_proto::ADDRESS_TYPE_URL,
-            output
-                .addresses
-                .iter()
-                .map(|(n, a)| (n.clone(), a.encode_to_vec()))
-                .collect(),
-        );
-        encode(
-            mesh_proto::AUTHORIZATION_TYPE_URL,
-            output
-                .authorizations
-                .iter()
-                .map(|(n, a)| (n.clone(), a.encode_to_vec()))
-                .collect(),
-        );
-        Snapshot {
-            version: prev.version + 1,
-            resources,
-            deltas,
-            statuses: output.statuses,
-            warnings: output.warnings,
-            built_at: Some(Instant::now()),
+            }
         }
     }
 }
@@ -225,26 +184,15 @@ mod tests {
 
     #[test]
     fn unchanged_resources_are_shared_and_keep_their_version() {
-        let mut out = Output::default();
-        out.authorizations.insert(
-            "ns/a".into(),
-            mesh_proto::security::Authorization {
-                name: "a".into(),
-                namespace: "ns".into(),
-                ..Default::default()
-            },
-        );
-        let s1 = Snapshot::build(out, &Snapshot::default());
-        let mut out = Output::default();
-        out.authorizations.insert(
-            "ns/a".into(),
-            mesh_proto::security::Authorization {
-                name: "a".into(),
-                namespace: "ns".into(),
-                ..Default::default()
-            },
-        );
-        let s2 = Snapshot::build(out, &s1);
+        let st = crate::store::State::from_objects([crate::model::Object::parse(
+            serde_json::json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "a", "namespace": "ns"}, "spec": {}}),
+        )
+        .unwrap()]);
+        let mut b = SnapshotBuilder::new(MeshOptions::default());
+        let s1 = b.build(&st, &Snapshot::default());
+        // A builder that has forgotten everything still reuses the previous snapshot's bytes.
+        let s2 = SnapshotBuilder::new(MeshOptions::default()).build(&st, &s1);
         let a1 = &s1.of_type(mesh_proto::AUTHORIZATION_TYPE_URL).unwrap()["ns/a"];
         let a2 = &s2.of_type(mesh_proto::AUTHORIZATION_TYPE_URL).unwrap()["ns/a"];
         assert!(Arc::ptr_eq(a1, a2));

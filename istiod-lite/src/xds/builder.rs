@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use prost::Message;
 
-use super::{Delta, Resource, Snapshot, fnv1a};
+use super::{Delta, Resource, Snapshot};
 use crate::model::{Kind, Object, ObjectKey};
 use crate::store::State;
 use crate::translate::{self, MeshOptions, ObjectStatus};
@@ -141,18 +141,7 @@ impl SnapshotBuilder {
             let old = prev.of_type(type_url);
             items
                 .into_iter()
-                .map(|(name, body)| match old.and_then(|o| o.get(&name)) {
-                    Some(r) if r.body == body => r.clone(),
-                    _ => {
-                        let hash = fnv1a(&body);
-                        Arc::new(Resource {
-                            name,
-                            version: format!("{hash:016x}"),
-                            hash,
-                            body,
-                        })
-                    }
-                })
+                .map(|(name, body)| Resource::encode(name, body, old))
                 .collect()
         };
         // The sub-state holds shared objects from other namespaces: keep only what is ours.
@@ -297,18 +286,35 @@ spec: {selector: {matchLabels: {app: p}}, rules: [{}]}
 
     /// The incremental result must equal translating everything from scratch.
     fn assert_same_as_full(snap: &Snapshot, st: &State) {
-        let full = super::super::Snapshot::build(
-            translate::translate(st, &MeshOptions::default()),
-            &Snapshot::default(),
-        );
-        for t in super::super::TYPE_URLS {
+        let full = translate::translate(st, &MeshOptions::default());
+        let encoded = |items: Vec<(String, Vec<u8>)>| -> Vec<(String, u64)> {
+            items
+                .into_iter()
+                .map(|(n, body)| (n.clone(), Resource::encode(n, body, None).hash))
+                .collect()
+        };
+        let full_by_type = [
+            (
+                mesh_proto::ADDRESS_TYPE_URL,
+                encoded(
+                    full.addresses
+                        .iter()
+                        .map(|(n, a)| (n.clone(), a.encode_to_vec()))
+                        .collect(),
+                ),
+            ),
+            (
+                mesh_proto::AUTHORIZATION_TYPE_URL,
+                encoded(
+                    full.authorizations
+                        .iter()
+                        .map(|(n, a)| (n.clone(), a.encode_to_vec()))
+                        .collect(),
+                ),
+            ),
+        ];
+        for (t, b) in full_by_type {
             let a: Vec<_> = snap
-                .of_type(t)
-                .unwrap()
-                .iter()
-                .map(|(n, r)| (n.clone(), r.hash))
-                .collect();
-            let b: Vec<_> = full
                 .of_type(t)
                 .unwrap()
                 .iter()
