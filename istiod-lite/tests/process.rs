@@ -65,15 +65,20 @@ fn serves_a_directory_and_exits_cleanly_on_sigterm() {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: apps, labels: {istio.io/dataplane-mode: ambient}}\n",
     )
     .unwrap();
-    // Any free port pair on loopback.
-    let port = 30000 + fastrand::u16(..20000);
-    let debug = format!("127.0.0.1:{}", port + 1);
+    // An address of its own in 127/8, so no other test or service holds these ports.
+    let ip = format!(
+        "127.{}.{}.{}",
+        fastrand::u8(1..=250),
+        fastrand::u8(..),
+        fastrand::u8(1..=250)
+    );
+    let debug = format!("{ip}:15014");
     let mut child = Command::new(BIN)
         .args(["--config-dir", dir.join("mesh").to_str().unwrap()])
         .args(["--state-dir", dir.join("state").to_str().unwrap()])
         .args([
             "--xds-plaintext",
-            &format!("127.0.0.1:{port}"),
+            &format!("{ip}:15010"),
             "--xds-tls",
             "off",
         ])
@@ -87,7 +92,11 @@ fn serves_a_directory_and_exits_cleanly_on_sigterm() {
             break;
         }
         assert!(Instant::now() < deadline, "never ready");
-        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("exited early:\n{err}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let cfg = get(&debug, "/debug/config").unwrap();
