@@ -12,7 +12,7 @@ mod pool;
 mod server;
 
 pub use copy::{ByteCounters, copy_bidirectional};
-pub use pool::{Dialer, Pool, PoolConfig, PoolKey, PoolStats, PooledStream};
+pub use pool::{Dialer, Pool, PoolConfig, PoolKey, PoolStats, PooledStream, SocketMaker};
 pub use server::{AcceptError, Connect, ServerConfig, serve_connection};
 
 /// Inbound HBONE port.

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tracing::{debug, info};
 
+use crate::inpod::InPod;
 use crate::proxy::ProxyState;
 use crate::proxy::inbound::{BindFailure, InboundListeners};
 
@@ -91,12 +92,13 @@ fn not_found(path: &str) -> Response<Body> {
 pub fn admin_handler(
     state: Arc<ProxyState>,
     inbound: Arc<InboundListeners>,
+    inpod: Option<Arc<InPod>>,
     failures: Arc<std::sync::Mutex<Vec<BindFailure>>>,
     quit: Arc<Notify>,
 ) -> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
     move |method, path| match (method, path) {
         (&Method::GET, "/config_dump") => {
-            let dump = config_dump(&state, &inbound, &failures);
+            let dump = config_dump(&state, &inbound, inpod.as_deref(), &failures);
             let body = serde_json::to_vec_pretty(&dump).expect("JSON values serialize");
             respond(StatusCode::OK, "application/json", body)
         }
@@ -104,7 +106,7 @@ pub fn admin_handler(
             quit.notify_one();
             respond(StatusCode::OK, "text/plain", "shutting down\n")
         }
-        (&Method::GET, "/healthz/ready") => ready(&state),
+        (&Method::GET, "/healthz/ready") => ready(&state, inpod.as_deref()),
         (&Method::GET, "/") => respond(
             StatusCode::OK,
             "text/plain",
@@ -129,16 +131,30 @@ pub fn metrics_handler(
 
 pub fn readiness_handler(
     state: Arc<ProxyState>,
+    inpod: Option<Arc<InPod>>,
 ) -> impl Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static {
     move |_, path| match path {
-        "/healthz/ready" => ready(&state),
+        "/healthz/ready" => ready(&state, inpod.as_deref()),
         _ => not_found(path),
     }
 }
 
 /// Readiness is only served once start-up finished: config loaded, listeners bound. Following
-/// istiod-lite, it also waits until every xDS type has been ACKed once.
-fn ready(state: &ProxyState) -> Response<Body> {
+/// istiod-lite, it also waits until every xDS type has been ACKed once; under in-pod capture,
+/// until the node agent's pods have been taken over.
+fn ready(state: &ProxyState, inpod: Option<&InPod>) -> Response<Body> {
+    if let Some(inpod) = inpod.filter(|i| !i.is_synced()) {
+        let why = if inpod.is_connected() {
+            "receiving the node agent's pods"
+        } else {
+            "waiting for the node agent"
+        };
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {why}\n"),
+        );
+    }
     match &state.xds {
         Some(xds) if !xds.is_ready() => respond(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -161,6 +177,7 @@ fn unix(t: SystemTime) -> u64 {
 fn config_dump(
     state: &ProxyState,
     inbound: &InboundListeners,
+    inpod: Option<&InPod>,
     failures: &std::sync::Mutex<Vec<BindFailure>>,
 ) -> Value {
     let snap = state.store.snapshot();
@@ -220,6 +237,10 @@ fn config_dump(
             "bindFailures": *failures.lock().expect("failure list lock poisoned"),
         },
         "activeConnections": state.active_connections(),
+        "connections": state.metrics.live_connections(),
+        "recentDenials": state.metrics.recent_denials(),
+        "pods": inpod.map(|i| i.status()),
+        "nodeAgent": inpod.map(|i| json!({"connected": i.is_connected(), "synced": i.is_synced()})),
         "xds": state.xds.as_ref().map(|x| x.dump()),
     })
 }

@@ -18,6 +18,7 @@ use crate::admin;
 use crate::ca_client::CaClient;
 use crate::config::{Config, ControlPlaneAddr, MeshSource};
 use crate::grpc;
+use crate::inpod::{InPod, PodNetworks};
 use crate::local;
 use crate::metrics::Metrics;
 use crate::proxy::inbound::{BindFailure, InboundListeners};
@@ -50,6 +51,7 @@ pub struct Ztunnel {
     pub addrs: Addrs,
     state: Arc<ProxyState>,
     inbound: Arc<InboundListeners>,
+    inpod: Option<Arc<InPod>>,
     phase: watch::Sender<Phase>,
     quit: Arc<Notify>,
     failures: Arc<Mutex<Vec<BindFailure>>>,
@@ -92,11 +94,34 @@ fn on_change_hook(
     Arc::new(move || {
         *failures.lock().expect("failure list lock poisoned") = inbound.reconcile();
         let snap = store.snapshot();
+        // Only mesh (HBONE) workloads use certificates.
         let wanted: std::collections::HashSet<_> = snap
             .local_workloads(&node)
+            .filter(|w| w.protocol == crate::state::Protocol::Hbone)
             .map(|w| w.identity.clone())
             .collect();
         certs.retain(|id| wanted.contains(id));
+        // Certificates for local mesh workloads are fetched ahead of their first connection,
+        // as Istio's ztunnel does, so that connection does not wait on the CA.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let held: std::collections::HashSet<String> = certs
+                .status()
+                .into_iter()
+                .map(|c| c.identity.to_string())
+                .collect();
+            for w in snap.local_workloads(&node) {
+                if w.protocol == crate::state::Protocol::Hbone
+                    && !held.contains(&w.identity.to_string())
+                {
+                    let (certs, id) = (certs.clone(), w.identity.clone());
+                    rt.spawn(async move {
+                        if let Err(e) = certs.fetch(&id).await {
+                            warn!(identity = %id, error = %e, "certificate prefetch failed; retried on first use");
+                        }
+                    });
+                }
+            }
+        }
     })
 }
 
@@ -120,8 +145,19 @@ impl Ztunnel {
         };
         let metrics = Metrics::new();
         let certs = CertManager::new(ca, cfg.cert_ttl);
+        let pod_networks = match &cfg.inpod_socket {
+            Some(_) => {
+                crate::inpod::netns::remember_home()
+                    .context("in-pod capture needs its own network namespace at hand")?;
+                Some(Arc::new(PodNetworks::default()))
+            }
+            None => None,
+        };
         let dialer = Dialer {
             mark: cfg.socket_mark,
+            sockets: pod_networks
+                .clone()
+                .map(|n| n as Arc<dyn mesh_core::hbone::SocketMaker>),
         };
         let pool = Pool::new(
             PoolConfig {
@@ -180,6 +216,15 @@ impl Ztunnel {
             peak: Default::default(),
         });
         let inbound = Arc::new(InboundListeners::new(state.clone()));
+        let inpod = match (&state.cfg.inpod_socket, pod_networks) {
+            (Some(path), Some(nets)) => {
+                let inpod = InPod::new(state.clone(), nets, tokio::runtime::Handle::current());
+                inpod.follow_agent(path.clone());
+                info!(agent = %path.display(), "in-pod capture: pods come from the node agent");
+                Some(inpod)
+            }
+            _ => None,
+        };
         let failures = Arc::new(Mutex::new(inbound.reconcile()));
         let quit = Arc::new(Notify::new());
 
@@ -212,6 +257,7 @@ impl Ztunnel {
             let h = admin::admin_handler(
                 state.clone(),
                 inbound.clone(),
+                inpod.clone(),
                 failures.clone(),
                 quit.clone(),
             );
@@ -226,7 +272,7 @@ impl Ztunnel {
                 l,
                 "readiness",
                 state.clone(),
-                admin::readiness_handler(state.clone()),
+                admin::readiness_handler(state.clone(), inpod.clone()),
             )));
         }
         let on_change = on_change_hook(
@@ -291,6 +337,7 @@ impl Ztunnel {
             addrs,
             state,
             inbound,
+            inpod,
             phase,
             quit,
             failures,
@@ -332,6 +379,9 @@ impl Ztunnel {
     /// Stops accepting, then gives in-flight connections up to the drain timeout to finish.
     pub async fn shutdown(self) {
         let _ = self.phase.send(Phase::Draining);
+        if let Some(inpod) = &self.inpod {
+            inpod.stop();
+        }
         let deadline = Instant::now() + self.state.cfg.drain_timeout;
         while self.state.active_connections() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

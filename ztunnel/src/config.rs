@@ -158,6 +158,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Async worker threads; `None` is one per CPU.
     pub worker_threads: Option<usize>,
+    /// In-pod capture: the node agent's socket. Pods' listeners then live in their own
+    /// network namespaces, and node-level outbound/inbound listeners are off unless asked for.
+    pub inpod_socket: Option<PathBuf>,
 }
 
 impl Config {
@@ -188,6 +191,7 @@ impl Config {
             cert_ttl: mesh_core::certs::DEFAULT_CERT_TTL,
             drain_timeout: Duration::from_secs(5),
             worker_threads: None,
+            inpod_socket: None,
         }
     }
 
@@ -229,6 +233,8 @@ impl Config {
         }
         cfg.xds_root_cert = env(XDS_ROOT_CA_ENV).map(PathBuf::from);
         cfg.token_file = env(TOKEN_FILE_ENV).map(PathBuf::from);
+        let mut inpod = false;
+        let mut node_listeners = false;
         let mut args = args.into_iter();
         while let Some(flag) = args.next() {
             let mut value = || {
@@ -246,8 +252,14 @@ impl Config {
                 "--xds-root-cert" => cfg.xds_root_cert = Some(value()?.into()),
                 "--token-file" => cfg.token_file = Some(value()?.into()),
                 "--dev-ca-dir" => cfg.dev_ca_dir = Some(value()?.into()),
-                "--outbound" => cfg.outbound_addr = addr(value()?, &flag)?,
-                "--inbound-plaintext" => cfg.inbound_plaintext_addr = addr(value()?, &flag)?,
+                "--outbound" => {
+                    cfg.outbound_addr = addr(value()?, &flag)?;
+                    node_listeners = true;
+                }
+                "--inbound-plaintext" => {
+                    cfg.inbound_plaintext_addr = addr(value()?, &flag)?;
+                    node_listeners = true;
+                }
                 "--socks5" => cfg.socks5_addr = addr(value()?, &flag)?,
                 "--admin" => cfg.admin_addr = addr(value()?, &flag)?,
                 "--metrics" => cfg.metrics_addr = addr(value()?, &flag)?,
@@ -259,6 +271,10 @@ impl Config {
                         .with_context(|| format!("--hbone-port: {v:?} is not a port"))?;
                 }
                 "--no-mark" => cfg.socket_mark = None,
+                "--inpod-socket" => {
+                    cfg.inpod_socket = Some(value()?.into());
+                    inpod = true;
+                }
                 "--worker-threads" => {
                     let v = value()?;
                     let n: usize = v.parse().ok().filter(|n| *n > 0).with_context(|| {
@@ -269,6 +285,16 @@ impl Config {
                 "-h" | "--help" => bail!("{}", USAGE),
                 other => bail!("unknown flag {other:?}\n{USAGE}"),
             }
+        }
+        if inpod && !node_listeners {
+            // Each captured pod gets these listeners in its own namespace instead.
+            cfg.outbound_addr = None;
+            cfg.inbound_plaintext_addr = None;
+        }
+        if inpod && cfg.socket_mark.is_none() {
+            bail!(
+                "--inpod-socket needs the socket mark: in-pod redirection rules recognise ztunnel's own traffic by it (drop --no-mark)"
+            );
         }
         cfg.node_name =
             node.with_context(|| format!("no node name: pass --node NAME or set {NODE_NAME_ENV}"))?;
@@ -322,6 +348,8 @@ pub const USAGE: &str = "usage: ztunnel --node NAME (--xds-address URL | --confi
   --readiness ADDR|off        /healthz/ready (default 0.0.0.0:15021)
   --hbone-port PORT           inbound HBONE port on each local workload (default 15008)
   --no-mark                   do not set SO_MARK 0x539 on ztunnel's own sockets
+  --inpod-socket PATH         in-pod capture: follow the node agent at this unix socket; each
+                              captured pod gets 15001/15006/15008 in its own namespace
   --worker-threads N          async worker threads (default: one per CPU)
 Environment: NODE_NAME, XDS_ADDRESS, CA_ADDRESS, XDS_ROOT_CA, TOKEN_FILE, LOCAL_XDS_PATH,
   DEV_CA_DIR, RUST_LOG, LOG_FORMAT=json";

@@ -133,7 +133,10 @@ pub fn channel(
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     let connector = Connector {
-        dialer: Dialer { mark },
+        dialer: Dialer {
+            mark,
+            sockets: None,
+        },
         tls,
     };
     Ok(endpoint.connect_with_connector_lazy(connector))

@@ -6,6 +6,7 @@ pub mod app;
 pub mod ca_client;
 pub mod config;
 pub mod grpc;
+pub mod inpod;
 pub mod local;
 pub mod memory;
 pub mod metrics;

@@ -18,6 +18,9 @@ use tracing::{info, warn};
 
 use crate::state::Workload;
 
+pub mod live;
+use live::{Denial, Live, LiveConnection};
+
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Reporter {
@@ -77,6 +80,15 @@ pub enum Direction {
     outbound,
 }
 
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::inbound => "inbound",
+            Direction::outbound => "outbound",
+        }
+    }
+}
+
 /// Why an xDS stream to istiod-lite ended (or never started); bounded, so it can be a label.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -114,6 +126,7 @@ pub struct Metrics {
     pub xds_connected: Gauge,
     xds_terminations: Family<XdsTerminationLabels, Counter>,
     registry: Arc<Registry>,
+    live: Arc<Live>,
 }
 
 impl Metrics {
@@ -191,7 +204,18 @@ impl Metrics {
             xds_connected,
             xds_terminations,
             registry: Arc::new(registry),
+            live: Arc::default(),
         }
+    }
+
+    /// The connections being proxied right now (for `/config_dump`).
+    pub fn live_connections(&self) -> serde_json::Value {
+        self.live.connections()
+    }
+
+    /// The last connections refused by an authorization policy, oldest first.
+    pub fn recent_denials(&self) -> Vec<Denial> {
+        self.live.denials()
     }
 
     pub fn xds_terminated(&self, reason: XdsTermination) {
@@ -247,6 +271,7 @@ pub struct ConnectionRecord {
     error: Option<String>,
     /// `namespace/name` of the authorization policy that denied the connection.
     policy: Option<String>,
+    live_id: u64,
 }
 
 impl ConnectionRecord {
@@ -289,6 +314,19 @@ impl ConnectionRecord {
             },
         };
         metrics.opened.get_or_create(&labels).inc();
+        let (local, peer) = match direction {
+            Direction::inbound => (&dst, &src),
+            Direction::outbound => (&src, &dst),
+        };
+        let live_id = metrics.live.open(LiveConnection {
+            direction: direction.as_str(),
+            workload: local.workload.clone(),
+            source: src.addr,
+            destination: dst.addr,
+            mtls,
+            peer_identity: peer.identity.clone(),
+            started: Instant::now(),
+        });
         Self {
             metrics: metrics.clone(),
             labels,
@@ -301,6 +339,7 @@ impl ConnectionRecord {
             tunnel_is_client: false,
             error: None,
             policy: None,
+            live_id,
         }
     }
 
@@ -323,6 +362,7 @@ impl ConnectionRecord {
 
 impl Drop for ConnectionRecord {
     fn drop(&mut self) {
+        self.metrics.live.close(self.live_id);
         let (mut sent, mut received) = (self.bytes.sent(), self.bytes.received());
         if self.tunnel_is_client {
             std::mem::swap(&mut sent, &mut received);
@@ -345,10 +385,20 @@ impl Drop for ConnectionRecord {
                 .unwrap_or_default()
         };
         let duration_ms = self.start.elapsed().as_millis() as u64;
-        let direction = match self.direction {
-            Direction::inbound => "inbound",
-            Direction::outbound => "outbound",
-        };
+        let direction = self.direction.as_str();
+        if let (Some(reason), Some(policy)) = (&self.error, &self.policy) {
+            self.metrics.live.denied(Denial {
+                at: live::unix_now(),
+                direction,
+                workload: Some(fmt_wl(&self.dst)).filter(|s| !s.is_empty()),
+                source: self.src.addr,
+                source_workload: Some(fmt_wl(&self.src)).filter(|s| !s.is_empty()),
+                source_identity: self.src.identity.clone(),
+                destination: self.dst.addr,
+                policy: policy.clone(),
+                reason: reason.clone(),
+            });
+        }
         macro_rules! access {
             ($lvl:ident, $($extra:tt)*) => {
                 $lvl!(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
@@ -60,23 +60,52 @@ impl Default for PoolConfig {
     }
 }
 
-/// Opens the TCP connections HBONE runs over.
+/// Where a connection's socket is made. Normally in the proxy's own network namespace; with
+/// in-pod capture a workload's sockets are made inside its pod's namespace, so they leave
+/// through the pod's interface with its address.
+pub trait SocketMaker: Send + Sync + std::fmt::Debug {
+    /// A TCP socket for a connection made on behalf of the local workload at `owner`, or
+    /// `None` when that workload has no namespace of its own here.
+    fn tcp_for(&self, owner: IpAddr, v6: bool) -> std::io::Result<Option<TcpSocket>>;
+}
+
+/// Opens the TCP connections HBONE runs over, and the plain ones to applications.
 #[derive(Debug, Clone, Default)]
 pub struct Dialer {
     /// SO_MARK for the proxy's own sockets, so in-pod redirection rules skip them.
     pub mark: Option<u32>,
+    /// Makes sockets in a workload's own network namespace (in-pod capture).
+    pub sockets: Option<Arc<dyn SocketMaker>>,
 }
 
 impl Dialer {
-    /// Connects to `addr`, from `src_ip` when given and of the same family.
+    /// Connects to `addr`, from `src_ip` when given and of the same family (and inside the
+    /// namespace of the workload at `src_ip`, if it has one).
     pub async fn connect(
         &self,
         addr: SocketAddr,
         src_ip: Option<IpAddr>,
     ) -> std::io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        self.connect_for(addr, src_ip, src_ip).await
+    }
+
+    /// Like [`connect`](Self::connect), with the socket made for the local workload at
+    /// `owner` (in its network namespace, when it has one).
+    pub async fn connect_for(
+        &self,
+        addr: SocketAddr,
+        src_ip: Option<IpAddr>,
+        owner: Option<IpAddr>,
+    ) -> std::io::Result<TcpStream> {
+        let v6 = addr.is_ipv6();
+        let made = match (&self.sockets, owner) {
+            (Some(maker), Some(owner)) => maker.tcp_for(owner, v6)?,
+            _ => None,
+        };
+        let socket = match made {
+            Some(s) => s,
+            None if v6 => TcpSocket::new_v6()?,
+            None => TcpSocket::new_v4()?,
         };
         if let Some(mark) = self.mark {
             socket2::SockRef::from(&socket).set_mark(mark)?;

@@ -49,6 +49,10 @@ impl InboundListeners {
     /// Opens listeners for new local workloads and closes those of departed ones. Connections
     /// already accepted are left to finish. Returns the listeners that could not be opened.
     pub fn reconcile(&self) -> Vec<BindFailure> {
+        if self.state.cfg.inpod_socket.is_some() {
+            // Under in-pod capture each pod's HBONE listener lives in its own namespace.
+            return Vec::new();
+        }
         let snap = self.state.store.snapshot();
         let mut wanted: HashMap<IpAddr, String> = HashMap::new();
         for w in snap.local_workloads(&self.state.cfg.node_name) {
@@ -139,7 +143,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-async fn serve(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(state: Arc<ProxyState>, tcp: TcpStream, peer: SocketAddr) {
     let local = match tcp.local_addr() {
         Ok(a) => a,
         Err(_) => return,
@@ -338,7 +342,8 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         );
     }
 
-    let upstream = state.dialer.connect(target, None);
+    // Made in the workload's own namespace under in-pod capture.
+    let upstream = state.dialer.connect_for(target, None, Some(target.ip()));
     let upstream = match tokio::time::timeout(state.cfg.connect_timeout, upstream).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

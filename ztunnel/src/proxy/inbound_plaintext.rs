@@ -74,7 +74,7 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
     }
     let upstream = match tokio::time::timeout(
         state.cfg.connect_timeout,
-        state.dialer.connect(dst, None),
+        state.dialer.connect_for(dst, None, Some(dst.ip())),
     )
     .await
     {

@@ -164,7 +164,7 @@ async fn try_connect(
             addr,
             service,
         } => {
-            let upstream = dial(state, addr).await?;
+            let upstream = dial(state, addr, src).await?;
             let peer = Peer {
                 addr: Some(addr),
                 identity: None,
@@ -178,7 +178,7 @@ async fn try_connect(
             )
         }
         Destination::Passthrough(addr) => {
-            let upstream = dial(state, addr).await?;
+            let upstream = dial(state, addr, src).await?;
             let peer = Peer {
                 addr: Some(addr),
                 ..Peer::default()
@@ -198,8 +198,14 @@ async fn try_connect(
     Ok(Upstream { link, record })
 }
 
-async fn dial(state: &ProxyState, dst: SocketAddr) -> Result<TcpStream, OutboundError> {
-    let connect = state.dialer.connect(dst, None);
+/// A plain connection on behalf of the local workload at `src` (from its own network
+/// namespace under in-pod capture).
+async fn dial(
+    state: &ProxyState,
+    dst: SocketAddr,
+    src: SocketAddr,
+) -> Result<TcpStream, OutboundError> {
+    let connect = state.dialer.connect_for(dst, None, Some(src.ip()));
     match tokio::time::timeout(state.cfg.connect_timeout, connect).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(error)) => Err(OutboundError::Connect { dst, error }),
