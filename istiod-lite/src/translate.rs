@@ -75,6 +75,18 @@ pub fn translate(state: &State, opts: &MeshOptions) -> Output {
     out
 }
 
+/// Whether each pod is enrolled in the mesh, by (namespace, name): what a node agent captures.
+pub fn enrolment(state: &State, opts: &MeshOptions) -> BTreeMap<(String, String), bool> {
+    let idx = Index::new(state, opts);
+    idx.pods
+        .iter()
+        .map(|p| {
+            let key = (p.metadata.namespace.clone(), p.metadata.name.clone());
+            (key, idx.is_ambient(p))
+        })
+        .collect()
+}
+
 /// Only the status of Gateways and routes (which may refer across namespaces).
 pub fn gateway_and_route_status(state: &State, opts: &MeshOptions) -> Vec<ObjectStatus> {
     let has_any = state.of_kind(Kind::Gateway).next().is_some()

@@ -94,7 +94,12 @@ fn serves_a_directory_and_exits_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "never ready");
         if child.try_wait().unwrap().is_some() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("exited early:\n{err}");
         }
         std::thread::sleep(Duration::from_millis(20));
