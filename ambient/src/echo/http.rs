@@ -1,0 +1,228 @@
+//! HTTP echo: every request is answered with a JSON description of itself as the server saw it.
+//!
+//! `?status=NNN` picks the response status (200 to 599), for tests of error handling.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::server::{Body, Conn};
+
+/// Largest request body echoed; larger ones are answered with 413.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// How much of an oversized body is read and dropped before answering 413, so that an
+/// HTTP/1.1 client still sending is not reset before it reads the answer.
+const MAX_DRAIN: usize = 4 * MAX_BODY;
+
+/// The JSON body of every HTTP echo reply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EchoReply {
+    pub pod: String,
+    pub namespace: String,
+    /// `HTTP/1.1` or `HTTP/2`.
+    pub protocol: String,
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// The `Host` header, or the `:authority` of an HTTP/2 request.
+    pub host: String,
+    /// Request headers as received: name to values, in order.
+    pub headers: BTreeMap<String, Vec<String>>,
+    /// The peer address as the server saw it.
+    pub remote_addr: SocketAddr,
+    pub local_addr: SocketAddr,
+    /// The request body, invalid UTF-8 replaced.
+    pub body: String,
+}
+
+pub(super) enum BodyError {
+    TooLarge,
+    Read(hyper::Error),
+}
+
+pub(super) async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let response = match requested_status(&parts.uri) {
+        Err(reason) => text(StatusCode::BAD_REQUEST, reason),
+        Ok(status) => match read_body(body, MAX_BODY).await {
+            Ok(body) => {
+                let reply = EchoReply {
+                    pod: conn.identity.pod.clone(),
+                    namespace: conn.identity.namespace.clone(),
+                    protocol: protocol_name(parts.version).to_owned(),
+                    method: parts.method.to_string(),
+                    path: parts
+                        .uri
+                        .path_and_query()
+                        .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.to_string()),
+                    host: host(&parts.uri, &parts.headers),
+                    headers: header_lists(&parts.headers),
+                    remote_addr: conn.remote,
+                    local_addr: conn.local,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                };
+                json(status, &reply)
+            }
+            Err(BodyError::TooLarge) => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body larger than {MAX_BODY} bytes"),
+            ),
+            Err(BodyError::Read(e)) => text(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body: {e}"),
+            ),
+        },
+    };
+    info!(
+        peer = %conn.remote,
+        dst = %conn.local,
+        protocol = protocol_name(parts.version),
+        method = %parts.method,
+        path = %parts.uri.path(),
+        status = response.status().as_u16(),
+        "http request"
+    );
+    response
+}
+
+/// Reads a body of at most `limit` bytes. A larger one is drained (up to a bound) and refused.
+pub(super) async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Some(data) = frame.data_ref() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > limit {
+            drain(body).await;
+            return Err(BodyError::TooLarge);
+        }
+        buf.extend_from_slice(data);
+    }
+    Ok(buf.freeze())
+}
+
+async fn drain(mut body: Incoming) {
+    let mut drained = 0;
+    while drained < MAX_DRAIN {
+        match body.frame().await {
+            Some(Ok(frame)) => drained += frame.data_ref().map_or(0, Bytes::len),
+            Some(Err(_)) | None => return,
+        }
+    }
+}
+
+/// The status asked for with `?status=NNN`, else 200.
+fn requested_status(uri: &Uri) -> Result<StatusCode, &'static str> {
+    let asked = uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("status="));
+    let Some(asked) = asked else {
+        return Ok(StatusCode::OK);
+    };
+    asked
+        .parse::<u16>()
+        .ok()
+        .filter(|code| (200..=599).contains(code))
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or("status must be a number from 200 to 599")
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+/// `Host`, else the URI's authority (HTTP/2 carries it in `:authority`).
+fn host(uri: &Uri, headers: &HeaderMap) -> String {
+    headers
+        .get(HOST)
+        .map(|host| String::from_utf8_lossy(host.as_bytes()).into_owned())
+        .or_else(|| uri.authority().map(|authority| authority.to_string()))
+        .unwrap_or_default()
+}
+
+fn header_lists(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
+    let mut lists: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in headers {
+        lists
+            .entry(name.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    lists
+}
+
+fn json(status: StatusCode, reply: &EchoReply) -> Response<Body> {
+    let mut body =
+        serde_json::to_vec_pretty(reply).expect("EchoReply holds only strings, maps and addresses");
+    body.push(b'\n');
+    response(status, "application/json", body.into())
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    response(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{message}\n").into(),
+    )
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_comes_from_the_query() {
+        let status = |uri: &'static str| requested_status(&Uri::from_static(uri));
+        assert_eq!(status("/"), Ok(StatusCode::OK));
+        assert_eq!(
+            status("/?a=1&status=503"),
+            Ok(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        assert_eq!(status("/?status=204"), Ok(StatusCode::NO_CONTENT));
+        for bad in ["/?status=", "/?status=101", "/?status=600", "/?status=abc"] {
+            assert!(status(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn repeated_headers_keep_every_value() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-a", HeaderValue::from_static("1"));
+        headers.append("x-a", HeaderValue::from_static("2"));
+        headers.append(
+            "x-b",
+            HeaderValue::from_bytes(b"\xff").expect("opaque bytes are a valid value"),
+        );
+        let lists = header_lists(&headers);
+        assert_eq!(lists["x-a"], ["1", "2"]);
+        assert_eq!(lists["x-b"], ["\u{fffd}"]);
+    }
+}
