@@ -1,0 +1,451 @@
+#![allow(clippy::unwrap_used)]
+//! The local mesh end to end, as a user runs it: `ambient up` on a copy of
+//! examples/local-mesh (network namespaces, in-pod capture, real binaries), then what a user
+//! would check by hand: unmodified programs reach services by VIP and pod IP, the link
+//! between nodes carries only TLS to 15008, a namespace outside the mesh talks plain TCP,
+//! enrolment and release of running pods, a ztunnel restart, `status` and `ztunnel-config`
+//! against golden files, and `down`. Needs root; one mesh per machine, so one test.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ambient::netns;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ambient");
+
+struct Mesh {
+    state: PathBuf,
+    config: PathBuf,
+}
+
+impl Mesh {
+    fn cmd(&self, args: &[&str]) -> Output {
+        let bin_dir = Path::new(BIN).parent().unwrap();
+        Command::new(BIN)
+            .args(args)
+            .env("AMBIENT_STATE_DIR", &self.state)
+            .env("AMBIENT_BIN_DIR", bin_dir)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "ambient {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ambient exec POD -- ambient echo-client ARGS`.
+    fn echo(&self, pod: &str, args: &[&str]) -> Output {
+        let mut all = vec!["exec", pod, "--", BIN, "echo-client", "--timeout", "5"];
+        all.extend_from_slice(args);
+        self.cmd(&all)
+    }
+
+    fn echo_ok(&self, pod: &str, args: &[&str]) -> String {
+        let out = self.echo(pod, args);
+        assert!(
+            out.status.success(),
+            "echo-client {} from {pod} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn dump(&self, node: &str) -> serde_json::Value {
+        let (code, body) =
+            netns::http_get(&format!("amb-n-{node}"), "127.0.0.1:15000", "/config_dump").unwrap();
+        assert_eq!(code, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn captured(&self, node: &str) -> Vec<String> {
+        self.dump(node)["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["state"] == "captured")
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+
+    fn set_legacy_label(&self, enrolled: bool) {
+        let path = self.config.join("namespaces.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let from =
+            "  name: legacy                          # not enrolled: plain TCP, not captured";
+        let to = "  name: legacy\n  labels: {istio.io/dataplane-mode: ambient}";
+        let text = if enrolled {
+            assert!(text.contains(from));
+            text.replace(from, to)
+        } else {
+            assert!(text.contains(to));
+            text.replace(to, from)
+        };
+        std::fs::write(&path, text).unwrap();
+    }
+
+    /// Output normalised for golden files: the config directory and version numbers vary.
+    fn normalised(&self, text: &str) -> String {
+        let dir = self.config.display().to_string();
+        let mut out = text.replace(&dir, "<DIR>");
+        let mut cleaned = String::new();
+        for line in out.lines() {
+            if let Some(i) = line.find("config version ") {
+                let rest: String = line[i + 15..]
+                    .chars()
+                    .skip_while(char::is_ascii_digit)
+                    .collect();
+                cleaned.push_str(&format!("{}config version N{rest}\n", &line[..i]));
+            } else {
+                cleaned.push_str(line);
+                cleaned.push('\n');
+            }
+        }
+        out = cleaned;
+        out
+    }
+
+    /// Waits until `args`' output (normalised) equals the golden file, then checks it.
+    fn golden(&self, args: &[&str], name: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/local_mesh")
+            .join(name);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.normalised(&self.ok(args));
+            if std::env::var_os("UPDATE_GOLDEN").is_some() {
+                std::fs::write(&path, &got).unwrap();
+                return;
+            }
+            let want = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`ambient {}` differs from {}:\n--- want\n{want}--- got\n{got}",
+                args.join(" "),
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["down"]);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP/1.1 keep-alive connection made from inside a pod: one request per call.
+struct KeepAlive(TcpStream);
+
+impl KeepAlive {
+    fn open(pod_netns: &str, addr: &str) -> Self {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let s = netns::within(pod_netns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })
+        .unwrap()
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Self(s)
+    }
+
+    fn get(&mut self, path: &str) -> String {
+        write!(self.0, "GET {path} HTTP/1.1\r\nhost: web\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            assert_eq!(self.0.read(&mut byte).unwrap(), 1, "connection closed");
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map(|v| v.trim().parse().unwrap())
+            .expect("content-length");
+        let mut body = vec![0u8; len];
+        self.0.read_exact(&mut body).unwrap();
+        String::from_utf8(body).unwrap()
+    }
+}
+
+#[test]
+fn local_mesh_end_to_end() {
+    ambient::up::require_root()
+        .expect("this end-to-end test needs root, ip and nft (CI runs it as root)");
+    assert!(
+        Command::new("tcpdump").arg("--version").output().is_ok(),
+        "tcpdump is missing (scripts/setup.sh installs it)"
+    );
+    for tool in ["istiod-lite", "ztunnel"] {
+        let p = Path::new(BIN).parent().unwrap().join(tool);
+        assert!(
+            p.exists(),
+            "{} is missing: build the workspace (cargo build --workspace) before this test",
+            p.display()
+        );
+    }
+    let tmp = std::env::temp_dir().join(format!("ambient-e2e-{}", std::process::id()));
+    let config = tmp.join("mesh");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local-mesh"),
+        &config,
+    );
+    let mesh = Mesh {
+        state: tmp.join("state"),
+        config: config.clone(),
+    };
+    let _ = mesh.cmd(&["down"]);
+
+    // Up, detached: it returns once everything is ready and says where to look.
+    let out = mesh.cmd(&["up", config.to_str().unwrap(), "--detach"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ambient up failed:\n{err}");
+    assert!(err.contains("The mesh is up"), "{err}");
+    assert!(err.contains("ambient status"), "{err}");
+    assert_eq!(mesh.captured("node-a"), ["shop/api-1", "shop/client"]);
+    assert_eq!(mesh.captured("node-b"), ["shop/web-1"]);
+
+    // An unmodified client reaches the service by name (VIP) and the pod by IP, while the
+    // link between the nodes is watched.
+    let pcap = tmp.join("link.pcap");
+    let mut tcpdump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "amb-n-node-a",
+            "tcpdump",
+            "-Z",
+            "root",
+            "--immediate-mode",
+            "-i",
+            "eth0",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut line = [0u8; 1];
+        let mut seen = Vec::new();
+        let stderr = tcpdump.stderr.as_mut().unwrap();
+        while !String::from_utf8_lossy(&seen).contains("listening on") {
+            assert_eq!(stderr.read(&mut line).unwrap(), 1, "tcpdump did not start");
+            seen.push(line[0]);
+        }
+    }
+    let secret = format!("secret-{}", fastrand::u64(..));
+    let header = format!("x-payload: {secret}");
+    for url in [
+        "http://web.shop.svc.cluster.local/by-vip",
+        "http://198.18.2.20:8080/by-pod-ip",
+    ] {
+        let body = mesh.echo_ok("shop/client", &["-H", &header, url]);
+        let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(reply["pod"], "web-1", "{body}");
+        assert_eq!(reply["namespace"], "shop", "{body}");
+        assert!(
+            body.contains(&secret),
+            "the echo server did not see the request: {body}"
+        );
+    }
+    // gRPC to the API on node-a (same node) by VIP.
+    let body = mesh.echo_ok(
+        "shop/client",
+        &["--grpc", "api.shop.svc.cluster.local:9090", "--data", "hi"],
+    );
+    assert!(body.contains("api-1"), "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill")
+        .args(["-INT", &tcpdump.id().to_string()])
+        .status();
+    let _ = tcpdump.wait();
+    let raw = std::fs::read(&pcap).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&raw).contains(&secret),
+        "application bytes are visible on the link between the nodes"
+    );
+    let read = Command::new("tcpdump")
+        .args(["-nn", "-r"])
+        .arg(&pcap)
+        .output()
+        .unwrap();
+    let decoded = String::from_utf8_lossy(&read.stdout).into_owned();
+    assert!(
+        decoded.lines().any(|l| l.contains("198.18.2.20.15008:")),
+        "no HBONE (port 15008) on the link ({} bytes captured; {}):\n{decoded}",
+        raw.len(),
+        String::from_utf8_lossy(&read.stderr)
+    );
+    assert!(
+        !decoded
+            .lines()
+            .any(|l| l.contains(".8080:") || l.contains(".80:")),
+        "plain application traffic on the link:\n{decoded}"
+    );
+
+    mesh.golden(&["status"], "status-up.txt");
+    mesh.golden(
+        &["ztunnel-config", "workloads", "--node", "node-a"],
+        "workloads-up.txt",
+    );
+    mesh.golden(
+        &["ztunnel-config", "services", "--node", "node-a"],
+        "services.txt",
+    );
+
+    // A namespace outside the mesh: plain TCP, not captured.
+    let body = mesh.echo_ok(
+        "legacy/batch",
+        &["--tcp", "198.18.2.30:5432", "--data", "ping"],
+    );
+    assert!(body.contains("echo legacy/db-1"), "{body}");
+    assert!(
+        body.contains("from 198.18.1.40"),
+        "the database saw someone else: {body}"
+    );
+
+    // Enrol `legacy` live, while a connection between pods it does not concern stays open.
+    let mut held = KeepAlive::open("amb-p-shop.client", "198.18.100.10:80");
+    assert!(held.get("/before").contains("web-1"));
+    mesh.set_legacy_label(true);
+    wait_until("legacy pods captured", Duration::from_secs(10), || {
+        mesh.captured("node-a").contains(&"legacy/batch".to_owned())
+            && mesh.captured("node-b").contains(&"legacy/db-1".to_owned())
+    });
+    // Captured now: the service VIP works (no kube-proxy here; only ztunnel resolves VIPs).
+    let body = mesh.echo_ok(
+        "legacy/batch",
+        &["--tcp", "198.18.100.12:5432", "--data", "ping"],
+    );
+    assert!(body.contains("echo legacy/db-1"), "{body}");
+    assert!(
+        held.get("/during").contains("web-1"),
+        "an unrelated connection broke"
+    );
+    mesh.golden(&["status"], "status-legacy-enrolled.txt");
+    mesh.golden(
+        &["ztunnel-config", "workloads", "--node", "node-b"],
+        "workloads-legacy-enrolled.txt",
+    );
+
+    // Release it again.
+    mesh.set_legacy_label(false);
+    wait_until("legacy pods released", Duration::from_secs(10), || {
+        !mesh.captured("node-b").contains(&"legacy/db-1".to_owned())
+    });
+    let body = mesh.echo_ok(
+        "legacy/batch",
+        &["--tcp", "198.18.2.30:5432", "--data", "ping"],
+    );
+    assert!(body.contains("echo legacy/db-1"), "{body}");
+    assert!(
+        held.get("/after").contains("web-1"),
+        "an unrelated connection broke"
+    );
+    drop(held);
+
+    // Restart node-b's ztunnel: new connections work within 2 s of it being ready.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(mesh.state.join("state.json")).unwrap())
+            .unwrap();
+    let old = state["processes"]["ztunnel/node-b"].as_u64().unwrap();
+    Command::new("kill")
+        .args(["-KILL", &old.to_string()])
+        .status()
+        .unwrap();
+    wait_until("node-b's ztunnel to go", Duration::from_secs(5), || {
+        !matches!(
+            netns::http_get("amb-n-node-b", "127.0.0.1:15021", "/healthz/ready"),
+            Ok((200, _))
+        )
+    });
+    wait_until(
+        "node-b's ztunnel to be ready again",
+        Duration::from_secs(30),
+        || {
+            matches!(
+                netns::http_get("amb-n-node-b", "127.0.0.1:15021", "/healthz/ready"),
+                Ok((200, _))
+            )
+        },
+    );
+    let ready_at = Instant::now();
+    loop {
+        let out = mesh.echo(
+            "shop/client",
+            &["http://web.shop.svc.cluster.local/after-restart"],
+        );
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            ready_at.elapsed() < Duration::from_secs(2),
+            "no connection within 2 s of the restarted ztunnel being ready: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    mesh.golden(&["status"], "status-after-restart.txt");
+
+    // Down removes everything; a second down has nothing to do.
+    let out = mesh.cmd(&["down"]);
+    assert!(out.status.success());
+    assert!(
+        netns::list_ours().is_empty(),
+        "namespaces left: {:?}",
+        netns::list_ours()
+    );
+    let out = mesh.cmd(&["down"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to tear down"));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
