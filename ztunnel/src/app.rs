@@ -85,6 +85,7 @@ pub fn cert_source(cfg: &Config) -> anyhow::Result<Arc<dyn CertSource>> {
 /// local workloads with the inbound listeners, and stop rotating certificates no local
 /// workload needs any more.
 fn on_change_hook(
+    authorized: Arc<crate::rbac::revoke::Authorized>,
     inbound: Arc<InboundListeners>,
     failures: Arc<Mutex<Vec<BindFailure>>>,
     certs: CertManager,
@@ -94,6 +95,10 @@ fn on_change_hook(
     Arc::new(move || {
         *failures.lock().expect("failure list lock poisoned") = inbound.reconcile();
         let snap = store.snapshot();
+        let closed = authorized.recheck(&snap);
+        if closed > 0 {
+            info!(closed, "closed connections the new policies deny");
+        }
         // Only mesh (HBONE) workloads use certificates.
         let wanted: std::collections::HashSet<_> = snap
             .local_workloads(&node)
@@ -212,6 +217,7 @@ impl Ztunnel {
             dialer,
             own_addrs,
             phase: phase_rx,
+            authorized: Default::default(),
             active: Default::default(),
             peak: Default::default(),
         });
@@ -276,6 +282,7 @@ impl Ztunnel {
             )));
         }
         let on_change = on_change_hook(
+            state.authorized.clone(),
             inbound.clone(),
             failures.clone(),
             certs.clone(),

@@ -43,6 +43,8 @@ pub struct ProxyState {
     /// ztunnel's own listening addresses: outbound traffic to them is a loop.
     pub own_addrs: Vec<SocketAddr>,
     pub phase: watch::Receiver<Phase>,
+    /// Allowed inbound connections, evaluated again when policies change.
+    pub authorized: Arc<crate::rbac::revoke::Authorized>,
     pub(crate) active: AtomicUsize,
     /// Most connections active at once since memory was last trimmed.
     pub(crate) peak: AtomicUsize,

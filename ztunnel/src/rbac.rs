@@ -211,5 +211,6 @@ fn contains(block: &IpBlock, ip: IpAddr) -> bool {
     }
 }
 
+pub mod revoke;
 #[cfg(test)]
 mod tests;

@@ -214,6 +214,10 @@ impl Snapshot {
         self.by_ip.get(&ip)
     }
 
+    pub fn workload_by_uid(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
     pub fn service_by_host(&self, host: &str) -> Option<&Arc<Service>> {
         self.services_by_host.get(host)
     }

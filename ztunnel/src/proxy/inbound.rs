@@ -298,16 +298,14 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         .and_then(|h| snap.service_by_host(&h))
         .filter(|s| s.endpoints.contains(&dst.uid))
         .map(|s| s.hostname.clone());
-    let verdict = rbac::evaluate(
-        &snap,
-        &dst,
-        &rbac::Connection {
-            src_identity: Some(connect.peer_identity.clone()),
-            src_ip: connect.peer_addr.ip(),
-            dst_ip: target.ip(),
-            dst_port: target.port(),
-        },
-    );
+    let decided_on = rbac::Connection {
+        src_identity: Some(connect.peer_identity.clone()),
+        src_ip: connect.peer_addr.ip(),
+        dst_ip: target.ip(),
+        dst_port: target.port(),
+    };
+    let verdict = rbac::evaluate(&snap, &dst, &decided_on);
+    let dst_uid = dst.uid.clone();
     drop(snap);
     let src = Peer {
         addr: Some(connect.peer_addr),
@@ -371,8 +369,17 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         Err(e) => return record.fail(format!("answering CONNECT: {e}")),
     };
     let bytes = record.bytes.clone();
-    if let Err(e) = hbone::copy_bidirectional(upstream, stream, &bytes).await {
-        record.fail(e);
+    let mut registration = state.authorized.register(&dst_uid, decided_on);
+    tokio::select! {
+        copied = hbone::copy_bidirectional(upstream, stream, &bytes) => {
+            if let Err(e) = copied {
+                record.fail(e);
+            }
+        }
+        Ok(why) = &mut registration.revoked => {
+            // Dropping the copy resets the stream and closes the upstream connection.
+            record.deny(&why.policy, &format!("closed after a policy change: {}", why.reason));
+        }
     }
 }
 

@@ -30,16 +30,14 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
         return reset(client);
     };
     // Plaintext carries no identity: positive identity matches fail, `not_principals` match.
-    let verdict = rbac::evaluate(
-        &snap,
-        &dst_workload,
-        &rbac::Connection {
-            src_identity: None,
-            src_ip: peer.ip(),
-            dst_ip: dst.ip(),
-            dst_port: dst.port(),
-        },
-    );
+    let decided_on = rbac::Connection {
+        src_identity: None,
+        src_ip: peer.ip(),
+        dst_ip: dst.ip(),
+        dst_port: dst.port(),
+    };
+    let verdict = rbac::evaluate(&snap, &dst_workload, &decided_on);
+    let dst_uid = dst_workload.uid.clone();
     drop(snap);
     let src = Peer {
         addr: Some(peer),
@@ -96,7 +94,15 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
     };
     let mut record = open_record(src, dst_peer);
     let bytes = record.bytes.clone();
-    if let Err(e) = copy_plain(client, upstream, &bytes).await {
-        record.fail(e);
+    let mut registration = state.authorized.register(&dst_uid, decided_on);
+    tokio::select! {
+        copied = copy_plain(client, upstream, &bytes) => {
+            if let Err(e) = copied {
+                record.fail(e);
+            }
+        }
+        Ok(why) = &mut registration.revoked => {
+            record.deny(&why.policy, &format!("closed after a policy change: {}", why.reason));
+        }
     }
 }
