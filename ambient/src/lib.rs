@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod echo;
 pub mod exec;
+pub mod explain;
 pub mod netns;
 pub mod status;
 pub mod testbed;

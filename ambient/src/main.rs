@@ -11,9 +11,10 @@ const USAGE: &str = "usage: ambient COMMAND
   down                     stop the mesh and remove everything it created (also after a crash)
   status                   namespaces, pods, ztunnels, certificates, and problems to look at
   exec POD -- CMD [ARGS]   run a command inside a pod (POD is NAMESPACE/NAME, or NAME if unique)
+  explain POD              the last connection to or from the pod that a policy refused, and why
   ztunnel-config VIEW [--node NODE] [-o table|json|yaml]
                            what ztunnels hold: workloads, services, policies, certificates,
-                           connections, pods, denials, all
+                           connections, pods, all
   echo-server ...          the built-in echo app (ambient echo-server --help)
   echo-client ...          its client (ambient echo-client --help)";
 
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         "down" => up::down(),
         "status" => status::gather().map(|i| print!("{}", status::render(&i))),
         "exec" => exec::exec(rest),
+        "explain" => ambient::explain::explain(rest).map(|t| print!("{t}")),
         "ztunnel-config" | "zc" => zconfig_cmd(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

@@ -28,7 +28,7 @@ use self::views::Section;
 
 mod dump;
 mod table;
-mod time;
+pub mod time;
 mod views;
 
 pub use self::table::table;

@@ -17,6 +17,7 @@ use ambient::netns;
 const BIN: &str = env!("CARGO_BIN_EXE_ambient");
 
 struct Mesh {
+    tmp: PathBuf,
     state: PathBuf,
     config: PathBuf,
 }
@@ -156,6 +157,7 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         let _ = self.cmd(&["down"]);
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
 
@@ -212,8 +214,11 @@ impl KeepAlive {
     }
 }
 
-#[test]
-fn local_mesh_end_to_end() {
+/// One mesh per machine: tests in this file take turns (nextest also runs them one at a time).
+static ONE_MESH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `ambient up --detach` on a fresh copy of examples/local-mesh.
+fn start_mesh(tag: &str) -> Mesh {
     ambient::up::require_root()
         .expect("this end-to-end test needs root, ip and nft (CI runs it as root)");
     assert!(
@@ -228,7 +233,8 @@ fn local_mesh_end_to_end() {
             p.display()
         );
     }
-    let tmp = std::env::temp_dir().join(format!("ambient-e2e-{}", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!("ambient-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
     let config = tmp.join("mesh");
     copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local-mesh"),
@@ -236,16 +242,24 @@ fn local_mesh_end_to_end() {
     );
     let mesh = Mesh {
         state: tmp.join("state"),
-        config: config.clone(),
+        config,
+        tmp,
     };
     let _ = mesh.cmd(&["down"]);
-
     // Up, detached: it returns once everything is ready and says where to look.
-    let out = mesh.cmd(&["up", config.to_str().unwrap(), "--detach"]);
+    let out = mesh.cmd(&["up", mesh.config.to_str().unwrap(), "--detach"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "ambient up failed:\n{err}");
     assert!(err.contains("The mesh is up"), "{err}");
     assert!(err.contains("ambient status"), "{err}");
+    mesh
+}
+
+#[test]
+fn local_mesh_end_to_end() {
+    let _turn = ONE_MESH.lock().unwrap_or_else(|e| e.into_inner());
+    let mesh = start_mesh("e2e");
+    let tmp = mesh.tmp.clone();
     assert_eq!(mesh.captured("node-a"), ["shop/api-1", "shop/client"]);
     assert_eq!(mesh.captured("node-b"), ["shop/web-1"]);
 
@@ -447,5 +461,137 @@ fn local_mesh_end_to_end() {
     );
     let out = mesh.cmd(&["down"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to tear down"));
-    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+const WEB_FROM_SHOP_ONLY: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-shop, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {namespaces: [shop]}}]
+";
+
+const SHOP_STRICT: &str = "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+";
+
+/// Zero-trust L4 policy with real traffic: an ALLOW-from-namespace policy holds (and closes
+/// an open connection it no longer allows), STRICT refuses plaintext from outside the mesh,
+/// a client certificate from another root is refused, and `ambient explain` says why.
+#[test]
+fn policies_hold_for_real_traffic() {
+    let _turn = ONE_MESH.lock().unwrap_or_else(|e| e.into_inner());
+    let mesh = start_mesh("policy");
+    let web = "http://198.18.2.20:8080/";
+
+    // `legacy` is outside the mesh: its plaintext reaches web-1 through the inbound capture,
+    // allowed while no policy says otherwise. Keep one such connection open.
+    mesh.echo_ok("legacy/batch", &[web]);
+    let mut held = KeepAlive::open("amb-p-legacy.batch", "198.18.2.20:8080");
+    assert!(held.get("/before").contains("web-1"));
+
+    std::fs::write(mesh.config.join("policy.yaml"), WEB_FROM_SHOP_ONLY).unwrap();
+    wait_until(
+        "the policy to reach node-b",
+        Duration::from_secs(10),
+        || {
+            mesh.dump("node-b")["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "web-from-shop"))
+        },
+    );
+    // The open connection is closed, a new one refused, the shop client still served.
+    let mut buf = [0u8; 1];
+    write!(held.0, "GET /after HTTP/1.1\r\nhost: web\r\n\r\n").ok();
+    let read = held.0.read(&mut buf);
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "a connection the new policy denies stayed open: {read:?}"
+    );
+    let out = mesh.echo("legacy/batch", &[web]);
+    assert!(
+        !out.status.success(),
+        "legacy reached web-1 past the policy"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reset"),
+        "plaintext should be refused with a reset: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(mesh.echo_ok("shop/client", &[web]).contains("web-1"));
+
+    let why = mesh.ok(&["explain", "shop/web-1"]);
+    assert!(why.contains("policy  shop/web-from-shop"), "{why}");
+    assert!(why.contains("198.18.1.40"), "{why}");
+    assert!(why.contains("legacy/batch"), "{why}");
+    assert!(why.contains("no identity"), "{why}");
+
+    // STRICT in shop: plaintext is refused even with no ALLOW policy.
+    std::fs::remove_file(mesh.config.join("policy.yaml")).unwrap();
+    std::fs::write(mesh.config.join("strict.yaml"), SHOP_STRICT).unwrap();
+    wait_until(
+        "STRICT in place of the policy on node-b",
+        Duration::from_secs(10),
+        || {
+            let names: Vec<String> = mesh.dump("node-b")["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| p["name"].as_str().unwrap_or_default().to_owned())
+                .collect();
+            names.iter().any(|n| n.contains("static_strict"))
+                && !names.iter().any(|n| n == "web-from-shop")
+        },
+    );
+    let out = mesh.echo("legacy/batch", &[web]);
+    assert!(!out.status.success(), "STRICT let plaintext through");
+    assert!(mesh.echo_ok("shop/client", &[web]).contains("web-1"));
+    let why = mesh.ok(&["explain", "shop/web-1"]);
+    assert!(why.contains("static_strict"), "{why}");
+
+    // A client certificate from another root never gets through the TLS handshake.
+    let foreign = std::sync::Arc::new(mesh_core::devca::DevCa::generate().unwrap());
+    let mesh_ca = mesh_core::devca::DevCa::load_or_create(&mesh.state.join("istiod/ca")).unwrap();
+    let id = |sa: &str| -> mesh_core::SpiffeId {
+        format!("spiffe://cluster.local/ns/shop/sa/{sa}")
+            .parse()
+            .unwrap()
+    };
+    let cert = mesh_core::testing::issue_trusting(&foreign, &id("client"), &mesh_ca);
+    let refused = netns::within("amb-p-legacy.batch", move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let server = "198.18.2.20:15008".parse().unwrap();
+                match mesh_core::testing::h2_connect(&cert, id("web"), server).await {
+                    Err(_) => true,
+                    Ok(send) => match send.ready().await {
+                        Err(_) => true,
+                        Ok(mut ready) => {
+                            let req = http::Request::builder()
+                                .method(http::Method::CONNECT)
+                                .uri("198.18.2.20:8080")
+                                .body(())
+                                .unwrap();
+                            match ready.send_request(req, false) {
+                                Err(_) => true,
+                                Ok((resp, _)) => resp.await.is_err(),
+                            }
+                        }
+                    },
+                }
+            })
+    })
+    .unwrap();
+    assert!(
+        refused,
+        "web-1's ztunnel accepted a client certificate from another root"
+    );
 }

@@ -3,7 +3,7 @@
 const SECONDS_PER_DAY: u64 = 86_400;
 
 /// Seconds since the Unix epoch as RFC 3339 in UTC, to the second: `2026-11-22T07:14:46Z`.
-pub(super) fn rfc3339(unix: u64) -> String {
+pub fn rfc3339(unix: u64) -> String {
     let (year, month, day) = civil_from_days(unix / SECONDS_PER_DAY);
     let secs = unix % SECONDS_PER_DAY;
     format!(
@@ -40,7 +40,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 }
 
 /// A duration the way `kubectl` shows ages: `850ms`, `42s`, `5m12s`, `3h4m`, `2d5h`.
-pub(super) fn age(ms: u64) -> String {
+pub fn age(ms: u64) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
