@@ -99,7 +99,18 @@ impl NodeAgent {
 
     /// The pods of this node that should be captured now.
     pub fn set_enrolled(&self, pods: Vec<PodPlan>) {
-        let map = pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+        let map: BTreeMap<String, PodPlan> = pods.into_iter().map(|p| (p.uid.clone(), p)).collect();
+        {
+            // Pending from now on, not from when the worker gets to it: whoever waits for
+            // the capture must not see an empty list in between.
+            let mut s = self.status.lock().expect("agent status lock poisoned");
+            let pending = map
+                .keys()
+                .filter(|uid| !s.captured.contains(*uid) && !s.failed.contains_key(*uid))
+                .cloned()
+                .collect();
+            s.pending = pending;
+        }
         let _ = self.tx.send(Event::Desired(map));
     }
 

@@ -299,6 +299,7 @@ impl Supervisor {
                 self.start_app(&pod)?;
             }
         }
+        self.wait_apps(Duration::from_secs(20));
         self.state.ready = true;
         self.refresh_state();
         self.summary();
@@ -375,6 +376,40 @@ impl Supervisor {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every app listens on its ports (checked from inside its pod, where the
+    /// pod's own address is not redirected), up to `limit`.
+    fn wait_apps(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        for pod in &self.plan.pods {
+            let ports: Vec<u16> = [&pod.app.http, &pod.app.grpc, &pod.app.tcp]
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for port in ports {
+                let addr = std::net::SocketAddr::new(pod.ip, port);
+                loop {
+                    let up = netns::within(&pod.netns, move || {
+                        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                            .is_ok()
+                    })
+                    .unwrap_or(false);
+                    if up {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        step(format!(
+                            "{}/{} does not listen on {port} yet; see its log",
+                            pod.namespace, pod.name
+                        ));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
         }
     }
 

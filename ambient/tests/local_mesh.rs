@@ -73,12 +73,23 @@ impl Mesh {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// Pods whose capture is complete: ztunnel holds them and their node agent has applied
+    /// their redirection (the agent's view reaches the state file within a quarter second).
     fn captured(&self, node: &str) -> Vec<String> {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(self.state.join("state.json")).unwrap())
+                .unwrap();
+        let redirected = state["agents"][node]["captured"].clone();
         self.dump(node)["pods"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|p| p["state"] == "captured")
+            .filter(|p| {
+                redirected
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|uid| *uid == p["uid"]))
+            })
             .map(|p| {
                 format!(
                     "{}/{}",
@@ -87,6 +98,19 @@ impl Mesh {
                 )
             })
             .collect()
+    }
+
+    fn expect_captured(&self, node: &str, want: &[&str]) {
+        let got = self.captured(node);
+        if got != want {
+            let log = std::fs::read_to_string(self.state.join(format!("logs/ztunnel-{node}.log")))
+                .unwrap_or_default();
+            let state = std::fs::read_to_string(self.state.join("state.json")).unwrap_or_default();
+            panic!(
+                "{node} captures {got:?}, not {want:?}\npods: {}\nstate: {state}\nztunnel log:\n{log}",
+                self.dump(node)["pods"]
+            );
+        }
     }
 
     fn set_legacy_label(&self, enrolled: bool) {
@@ -157,7 +181,11 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         let _ = self.cmd(&["down"]);
-        let _ = std::fs::remove_dir_all(&self.tmp);
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.state.join("logs").display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
     }
 }
 
@@ -260,8 +288,8 @@ fn local_mesh_end_to_end() {
     let _turn = ONE_MESH.lock().unwrap_or_else(|e| e.into_inner());
     let mesh = start_mesh("e2e");
     let tmp = mesh.tmp.clone();
-    assert_eq!(mesh.captured("node-a"), ["shop/api-1", "shop/client"]);
-    assert_eq!(mesh.captured("node-b"), ["shop/web-1"]);
+    mesh.expect_captured("node-a", &["shop/api-1", "shop/client"]);
+    mesh.expect_captured("node-b", &["shop/web-1"]);
 
     // An unmodified client reaches the service by name (VIP) and the pod by IP, while the
     // link between the nodes is watched.
