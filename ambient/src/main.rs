@@ -28,10 +28,13 @@ fn main() -> ExitCode {
     if cmd == "echo-client" {
         return ambient::echo::client_main(rest);
     }
-    init_logging();
     if cmd == "echo-server" {
+        // One line per request, for the pod's log.
+        init_logging("info");
         return ambient::echo::server_main(rest);
     }
+    // Progress goes to the terminal as plain lines; logs only when something is wrong.
+    init_logging("warn");
     let result = match cmd.as_str() {
         "up" => cmd_up(rest),
         "down" => up::down(),
@@ -110,9 +113,9 @@ fn zconfig_cmd(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
