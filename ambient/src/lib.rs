@@ -5,6 +5,7 @@ pub mod agent;
 pub mod echo;
 pub mod exec;
 pub mod explain;
+pub mod mirror;
 pub mod netns;
 pub mod status;
 pub mod testbed;

@@ -8,8 +8,7 @@
 //!   amb-p-<ns>.<pod>: eth0 <podIP>/32, default via 169.254.1.1
 //! ```
 //! Pod-to-pod traffic between nodes crosses the node's `eth0` and the bridge: the link a
-//! capture looks at. Only 198.18.0.0/15 is used (pods 198.18.0.0/16 by convention, nodes
-//! 198.19.0.0/24).
+//! capture looks at. Only 198.18.0.0/15 is used (pods 198.18.0.0/16, nodes 198.19.0.0/24).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -41,6 +40,10 @@ pub struct PodPlan {
     pub name: String,
     pub node: String,
     pub ip: IpAddr,
+    /// The YAML gave no address; the testbed chose `ip` (and tells istiod-lite, as a kubelet
+    /// would).
+    #[serde(default)]
+    pub allocated: bool,
     pub netns: String,
     /// The pod's veth as its node sees it.
     pub veth: String,
@@ -81,8 +84,9 @@ fn testbed_range(ip: IpAddr) -> bool {
 }
 
 impl Plan {
-    /// The testbed for the pods in `state`. Every pod needs `spec.nodeName` and a
-    /// `status.podIP` in 198.18.0.0/16; problems are all reported at once.
+    /// The testbed for the pods in `state`. Every pod needs `spec.nodeName`; its
+    /// `status.podIP`, if given, must be in 198.18.0.0/16, else one is allocated. Problems are
+    /// all reported at once.
     pub fn from_state(state: &State) -> anyhow::Result<Self> {
         let mut problems = Vec::new();
         let mut nodes: BTreeMap<String, ()> = BTreeMap::new();
@@ -103,21 +107,19 @@ impl Plan {
                 ));
                 continue;
             }
-            let Some(ip) = pod.ips().first().copied() else {
-                problems.push(format!(
-                    "{who}: no status.podIP; give it an address in 198.18.0.0/16"
-                ));
-                continue;
-            };
-            if !testbed_range(ip) || matches!(ip, IpAddr::V4(v) if v.octets()[1] == 19) {
-                problems.push(format!(
-                    "{who}: status.podIP {ip} is outside 198.18.0.0/16, the pod range of the local testbed"
-                ));
-                continue;
-            }
-            if let Some(other) = seen_ips.insert(ip, who.clone()) {
-                problems.push(format!("{who}: status.podIP {ip} is also {other}'s"));
-                continue;
+            // A pod without an address gets one below, once every given one is known.
+            let ip = pod.ips().first().copied();
+            if let Some(ip) = ip {
+                if !testbed_range(ip) || matches!(ip, IpAddr::V4(v) if v.octets()[1] == 19) {
+                    problems.push(format!(
+                        "{who}: status.podIP {ip} is outside 198.18.0.0/16, the pod range of the local testbed"
+                    ));
+                    continue;
+                }
+                if let Some(other) = seen_ips.insert(ip, who.clone()) {
+                    problems.push(format!("{who}: status.podIP {ip} is also {other}'s"));
+                    continue;
+                }
             }
             nodes.insert(pod.spec.node_name.clone(), ());
             let mut app = AppPlan::default();
@@ -141,7 +143,8 @@ impl Plan {
                 namespace: ns.clone(),
                 name: name.clone(),
                 node: pod.spec.node_name.clone(),
-                ip,
+                ip: ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                allocated: ip.is_none(),
                 netns: format!("amb-p-{ns}.{name}"),
                 veth: String::new(),
                 app,
@@ -160,7 +163,7 @@ impl Plan {
         for (i, p) in pods.iter_mut().enumerate() {
             p.veth = format!("ap{i}");
         }
-        let nodes = nodes
+        let nodes: Vec<NodePlan> = nodes
             .into_keys()
             .enumerate()
             .map(|(i, name)| NodePlan {
@@ -169,6 +172,21 @@ impl Plan {
                 name,
             })
             .collect();
+        // Addresses for pods that gave none: 198.18.<node>.100 upwards, skipping taken ones.
+        for pod in pods.iter_mut().filter(|p| p.allocated) {
+            let n = nodes.iter().position(|n| n.name == pod.node).unwrap_or(0) as u8 + 1;
+            let free = (100..=250u8)
+                .map(|h| IpAddr::V4(Ipv4Addr::new(198, 18, n, h)))
+                .find(|ip| !seen_ips.contains_key(ip));
+            let Some(ip) = free else {
+                bail!(
+                    "node {}: no free pod address left in 198.18.{n}.100-250",
+                    pod.node
+                );
+            };
+            seen_ips.insert(ip, pod.name.clone());
+            pod.ip = ip;
+        }
         let mut hosts = Vec::new();
         for obj in state.of_kind(Kind::Service) {
             let Object::Service(svc) = obj.as_ref() else {
@@ -376,3 +394,14 @@ table inet ambient {{
 
 /// Removes the redirection rules (nothing to do when there are none).
 pub const RELEASE_RULES: &str = "table inet ambient {}\ndelete table inet ambient\n";
+
+impl Plan {
+    /// Addresses the testbed chose, by (namespace, name), for the copy istiod-lite reads.
+    pub fn allocated(&self) -> std::collections::BTreeMap<(String, String), IpAddr> {
+        self.pods
+            .iter()
+            .filter(|p| p.allocated)
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p.ip))
+            .collect()
+    }
+}

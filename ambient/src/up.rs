@@ -327,6 +327,7 @@ impl Supervisor {
                         Err(e) => warn!(error = %format!("{e:#}"), "the YAML no longer lays out as a testbed; keeping the current one"),
                         _ => {}
                     }
+                    self.sync_mirror();
                     self.apply_enrolment(&enrolment(&state, &opts));
                 }
                 _ = tick.tick() => {
@@ -413,7 +414,20 @@ impl Supervisor {
         }
     }
 
+    /// What istiod-lite reads: the user's directory with allocated pod addresses filled in.
+    fn mirror_dir(&self) -> PathBuf {
+        self.state_dir.join("config")
+    }
+
+    fn sync_mirror(&self) {
+        if let Err(e) = crate::mirror::sync(&self.dir, &self.mirror_dir(), &self.plan.allocated()) {
+            warn!(error = %format!("{e:#}"), "cannot copy the YAML for istiod-lite; it keeps the last copy");
+        }
+    }
+
     fn start_istiod(&mut self) -> anyhow::Result<()> {
+        let _ = std::fs::remove_dir_all(self.mirror_dir());
+        crate::mirror::sync(&self.dir, &self.mirror_dir(), &self.plan.allocated())?;
         let bin = binary("istiod-lite")?;
         let istiod_state = self.state_dir.join("istiod");
         let spec = Spec {
@@ -421,7 +435,7 @@ impl Supervisor {
             program: bin,
             args: vec![
                 "--config-dir".into(),
-                self.dir.display().to_string(),
+                self.mirror_dir().display().to_string(),
                 "--state-dir".into(),
                 istiod_state.display().to_string(),
                 "--xds-plaintext".into(),

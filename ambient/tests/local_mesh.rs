@@ -392,7 +392,7 @@ fn local_mesh_end_to_end() {
     );
     assert!(body.contains("echo legacy/db-1"), "{body}");
     assert!(
-        body.contains("from 198.18.1.40"),
+        body.contains("from 198.18.1.100"),
         "the database saw someone else: {body}"
     );
 
@@ -555,7 +555,7 @@ fn policies_hold_for_real_traffic() {
 
     let why = mesh.ok(&["explain", "shop/web-1"]);
     assert!(why.contains("policy  shop/web-from-shop"), "{why}");
-    assert!(why.contains("198.18.1.40"), "{why}");
+    assert!(why.contains("198.18.1.100"), "{why}");
     assert!(why.contains("legacy/batch"), "{why}");
     assert!(why.contains("no identity"), "{why}");
 
