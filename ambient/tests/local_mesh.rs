@@ -559,6 +559,21 @@ fn policies_hold_for_real_traffic() {
     assert!(why.contains("legacy/batch"), "{why}");
     assert!(why.contains("no identity"), "{why}");
 
+    // Over HBONE, identity is what counts: a valid mesh certificate for legacy's service
+    // account gets a 401 that names the policy, whatever address it comes from.
+    let mesh_ca = mesh_core::devca::DevCa::load_or_create(&mesh.state.join("istiod/ca")).unwrap();
+    let legacy_cert = mesh_core::testing::issue(&mesh_ca, &spiffe("legacy", "default"));
+    let answer = hbone_connect("amb-p-legacy.batch", legacy_cert, spiffe("shop", "web"));
+    match answer {
+        Ok((401, reason)) => assert!(
+            reason
+                .as_deref()
+                .is_some_and(|r| r.contains("shop/web-from-shop")),
+            "401 without the policy named: {reason:?}"
+        ),
+        other => panic!("legacy's identity was not refused with 401: {other:?}"),
+    }
+
     // STRICT in shop: plaintext is refused even with no ALLOW policy.
     std::fs::remove_file(mesh.config.join("policy.yaml")).unwrap();
     std::fs::write(mesh.config.join("strict.yaml"), SHOP_STRICT).unwrap();
@@ -583,43 +598,56 @@ fn policies_hold_for_real_traffic() {
     assert!(why.contains("static_strict"), "{why}");
 
     // A client certificate from another root never gets through the TLS handshake.
-    let foreign = std::sync::Arc::new(mesh_core::devca::DevCa::generate().unwrap());
-    let mesh_ca = mesh_core::devca::DevCa::load_or_create(&mesh.state.join("istiod/ca")).unwrap();
-    let id = |sa: &str| -> mesh_core::SpiffeId {
-        format!("spiffe://cluster.local/ns/shop/sa/{sa}")
-            .parse()
-            .unwrap()
-    };
-    let cert = mesh_core::testing::issue_trusting(&foreign, &id("client"), &mesh_ca);
-    let refused = netns::within("amb-p-legacy.batch", move || {
+    let foreign = mesh_core::devca::DevCa::generate().unwrap();
+    let cert = mesh_core::testing::issue_trusting(&foreign, &spiffe("shop", "client"), &mesh_ca);
+    let answer = hbone_connect("amb-p-legacy.batch", cert, spiffe("shop", "web"));
+    let refused = answer.is_err();
+    assert!(
+        refused,
+        "web-1's ztunnel accepted a client certificate from another root: {answer:?}"
+    );
+}
+
+fn spiffe(ns: &str, sa: &str) -> mesh_core::SpiffeId {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+        .parse()
+        .unwrap()
+}
+
+/// An HBONE CONNECT to web-1's app port from inside `netns`, presenting `cert`: the status
+/// and `x-mesh-reason`, or why the connection failed (TLS refused, reset).
+fn hbone_connect(
+    netns: &str,
+    cert: mesh_core::tls::WorkloadCert,
+    server: mesh_core::SpiffeId,
+) -> Result<(u16, Option<String>), String> {
+    netns::within(netns, move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap()
             .block_on(async move {
-                let server = "198.18.2.20:15008".parse().unwrap();
-                match mesh_core::testing::h2_connect(&cert, id("web"), server).await {
-                    Err(_) => true,
-                    Ok(send) => match send.ready().await {
-                        Err(_) => true,
-                        Ok(mut ready) => {
-                            let req = http::Request::builder()
-                                .method(http::Method::CONNECT)
-                                .uri("198.18.2.20:8080")
-                                .body(())
-                                .unwrap();
-                            match ready.send_request(req, false) {
-                                Err(_) => true,
-                                Ok((resp, _)) => resp.await.is_err(),
-                            }
-                        }
-                    },
-                }
+                let addr = "198.18.2.20:15008".parse().unwrap();
+                let send = mesh_core::testing::h2_connect(&cert, server, addr)
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
+                let mut ready = send.ready().await.map_err(|e| format!("h2: {e}"))?;
+                let req = http::Request::builder()
+                    .method(http::Method::CONNECT)
+                    .uri("198.18.2.20:8080")
+                    .body(())
+                    .unwrap();
+                let (resp, _stream) = ready
+                    .send_request(req, false)
+                    .map_err(|e| format!("CONNECT: {e}"))?;
+                let resp = resp.await.map_err(|e| format!("CONNECT: {e}"))?;
+                let reason = resp
+                    .headers()
+                    .get("x-mesh-reason")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                Ok((resp.status().as_u16(), reason))
             })
     })
-    .unwrap();
-    assert!(
-        refused,
-        "web-1's ztunnel accepted a client certificate from another root"
-    );
+    .unwrap()
 }
