@@ -29,6 +29,8 @@ pub struct DirSource {
     settle: Duration,
     /// Started before the first read, so no change can slip in between.
     watching: std::sync::Mutex<Option<Watching>>,
+    /// Directory scans after the first load: an idle directory should cost one per poll.
+    scans: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct Watching {
@@ -51,7 +53,13 @@ impl DirSource {
             poll: DEFAULT_POLL,
             settle: DEFAULT_SETTLE,
             watching: std::sync::Mutex::new(None),
+            scans: Default::default(),
         }
+    }
+
+    /// Counts the scans made while following the directory.
+    pub fn scan_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.scans.clone()
     }
 
     /// Starts watching (once): before any read, so a change made during it is noticed.
@@ -113,6 +121,8 @@ impl Source for DirSource {
             loop {
                 // Whichever comes first: an inotify event or the poll.
                 let _ = tokio::time::timeout(self.poll, events.recv()).await;
+                self.scans
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut now = match scan(&self.dir) {
                     Ok(n) => n,
                     Err(e) => {
@@ -155,7 +165,16 @@ fn watch_events(
     tx: tokio::sync::mpsc::Sender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let handler = move |_event: notify::Result<notify::Event>| {
+    let handler = move |event: notify::Result<notify::Event>| {
+        // Reading the directory (as every scan does) raises open and close events of its
+        // own: waking on those would rescan forever. Only changes, and a file closed after
+        // writing, are news.
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        if let Ok(e) = &event
+            && matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write))
+        {
+            return;
+        }
         // A full channel already holds a wake-up: nothing is lost.
         let _ = tx.try_send(());
     };
@@ -428,6 +447,31 @@ mod tests {
         std::fs::remove_file(d.join("a.yaml")).unwrap();
         wait(1, store.clone()).await;
         assert!(rx.has_changed().unwrap());
+        task.abort();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_directory_is_not_rescanned_over_and_over() {
+        // Scanning opens the directory, which inotify reports: those events must not wake
+        // the loop, or it scans without end.
+        let d = tmpdir();
+        std::fs::write(d.join("a.yaml"), GOOD).unwrap();
+        let store = Store::new();
+        let source = DirSource::new(&d).with_poll(Duration::from_millis(500));
+        let scans = source.scan_counter();
+        let task = tokio::spawn(Box::new(source).run(store.clone()));
+        for _ in 0..200 {
+            if store.state().objects.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = scans.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let idle = scans.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(idle <= 3, "{idle} scans in a second of nothing happening");
         task.abort();
         std::fs::remove_dir_all(&d).unwrap();
     }
