@@ -5,6 +5,7 @@
 #   SECONDS_PER_TEST=10 bench/run.sh hbone
 #   ZTUNNEL_ARGS="--worker-threads 1" bench/run.sh hbone
 #   bench/run.sh xds              # control plane at scale: see bench/xds.sh
+#   bench/run.sh policy           # L4 authorization cost (as root): see bench/policy.sh
 #
 # As root, a client "node" and a server "node" are network namespaces joined by a veth pair
 # (198.18.1.1 and 198.18.1.2); the client's traffic to port 5201 is redirected by nftables into
@@ -15,7 +16,8 @@ cd "$(dirname "$0")/.."
 
 what=${1:-hbone}
 [[ $what == xds ]] && exec bench/xds.sh
-[[ $what == hbone ]] || { echo "usage: bench/run.sh hbone|xds" >&2; exit 2; }
+[[ $what == policy ]] && exec bench/policy.sh
+[[ $what == hbone ]] || { echo "usage: bench/run.sh hbone|xds|policy" >&2; exit 2; }
 secs=${SECONDS_PER_TEST:-5}
 rate_secs=${RATE_SECONDS:-10}
 

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, timeout, timeout_at};
 
+mod policy;
 mod xds;
 
 const USAGE: &str = "\
@@ -29,16 +30,29 @@ USAGE:
   meshbench server --listen ADDR [--listen ADDR ...]
   meshbench throughput --target ADDR [--streams N] [COMMON]
   meshbench latency    --target ADDR [--size B] [COMMON]
-  meshbench connrate   --target ADDR [--concurrency C] [COMMON]
+  meshbench connrate   --target ADDR [--concurrency C] [--max-errors N | --expect denied]
+                       [COMMON]
   meshbench rate       --target ADDR [--rps R] [--size B] [--connections K] [COMMON]
   meshbench gen-mesh   --dir DIR [--pods N] [--services N] [--policies N] [--nodes N] [--namespaces N]
   meshbench xds-scale  --xds URL --dir DIR --expect-addresses N --expect-authorizations N
                        [--subscribers N] [--changes N]
+  meshbench gen-policy-mesh --dir DIR --client-ip IP --server-ip IP [--port P] [--policies N]
+                       [--applying K] [--pods N] [--services N] [--namespaces N] [--nodes N]
 
 gen-mesh writes a mesh as Kubernetes YAML (defaults 10000 pods, 2000 services, 500 policies,
 50 nodes, 50 namespaces) and prints the resource counts to expect. xds-scale connects delta
 ADS subscribers to istiod-lite reading DIR, times the full initial push, then rewrites one
 pod --changes times and times each change until every subscriber has it.
+
+connrate opens a connection, sends a 1-byte request, reads the 1-byte response and closes,
+--concurrency at a time; it reports connections/s and connect-to-response latency. With
+--max-errors N it fails if more than N attempts failed; with --expect denied it succeeds only
+if every attempt failed (a policy denying the connection), and reports how many.
+
+gen-policy-mesh writes the mesh of bench/policy.sh (client and server pods in namespace bench,
+a background mesh from gen-mesh; defaults 500 pods, 100 services, 50 namespaces, 10 nodes)
+under DIR/mesh and one policy file per variant under DIR/variants (defaults --port 5201,
+--policies 1000, --applying 10), and prints the variants as JSON.
 
 COMMON:
   --seconds F     measurement duration in seconds (default 5, at most 3600)
@@ -221,6 +235,34 @@ impl Common {
     }
 }
 
+/// What `connrate` is told to expect of each attempt.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Allowed,
+    Denied,
+}
+
+impl FromStr for Outcome {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "allowed" => Ok(Self::Allowed),
+            "denied" => Ok(Self::Denied),
+            _ => Err("expected `allowed` or `denied`".into()),
+        }
+    }
+}
+
+/// When a `connrate` run counts as a success.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// Connections go through; more than `max_errors` failed attempts fail the run.
+    Allowed { max_errors: u64 },
+    /// Every attempt must fail (and there must be some).
+    Denied,
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args) {
@@ -278,9 +320,21 @@ fn run(args: &[String]) -> Result<()> {
             rt()?.block_on(latency(&c, size))?
         }
         "connrate" => {
-            let (f, c) = client_flags(&["concurrency"])?;
+            let (f, c) = client_flags(&["concurrency", "max-errors", "expect"])?;
             let conc = f.bounded("concurrency", 8, 1, MAX_PARALLEL as u64)? as usize;
-            rt()?.block_on(connrate(&c, conc))?
+            let max_errors = f.opt::<u64>("max-errors")?;
+            let expect = match f.opt::<Outcome>("expect")?.unwrap_or(Outcome::Allowed) {
+                Outcome::Allowed => Expect::Allowed {
+                    max_errors: max_errors.unwrap_or(u64::MAX),
+                },
+                Outcome::Denied if max_errors.is_some() => {
+                    return Err(usage_err(
+                        "`connrate`: --max-errors does not apply to --expect denied",
+                    ));
+                }
+                Outcome::Denied => Expect::Denied,
+            };
+            rt()?.block_on(connrate(&c, conc, expect))?
         }
         "rate" => {
             let (f, c) = client_flags(&["rps", "size", "connections"])?;
@@ -329,6 +383,41 @@ fn run(args: &[String]) -> Result<()> {
                 expect_authorizations: f.required("expect-authorizations")?,
             };
             rt()?.block_on(xds::xds_scale(args))?
+        }
+        "gen-policy-mesh" => {
+            let f = Flags::parse(
+                cmd,
+                rest,
+                &[
+                    "dir",
+                    "client-ip",
+                    "server-ip",
+                    "port",
+                    "policies",
+                    "applying",
+                    "pods",
+                    "services",
+                    "namespaces",
+                    "nodes",
+                ],
+                &[],
+            )?;
+            let args = policy::PolicyMeshArgs {
+                dir: f.required("dir")?,
+                client_ip: f.required("client-ip")?,
+                server_ip: f.required("server-ip")?,
+                port: f.bounded("port", 5201, 1, u64::from(u16::MAX))? as u16,
+                policies: f.bounded("policies", 1_000, 0, 50_000)? as usize,
+                applying: f.bounded("applying", 10, 0, 1_000)? as usize,
+                background: xds::MeshSize {
+                    pods: f.bounded("pods", 500, 1, 60_000)? as usize,
+                    services: f.bounded("services", 100, 1, 50_000)? as usize,
+                    policies: 0,
+                    nodes: f.bounded("nodes", 10, 1, 10_000)? as usize,
+                    namespaces: f.bounded("namespaces", 50, 1, 1_000)? as usize,
+                },
+            };
+            policy::gen_policy_mesh(&args)?
         }
         other => return Err(usage_err(format!("unknown subcommand {other:?}"))),
     };
@@ -749,8 +838,9 @@ async fn latency(c: &Common, size: usize) -> Result<Value> {
     Ok(c.report("latency", elapsed, merge(fields, percentiles(&samples))))
 }
 
-async fn connrate(c: &Common, concurrency: usize) -> Result<Value> {
+async fn connrate(c: &Common, concurrency: usize, expect: Expect) -> Result<Value> {
     const PROBE: [u8; 6] = [b'R', 0, 0, 0, 1, 0x5a];
+    let per_worker_cap = MAX_SAMPLES / concurrency;
     let start = Instant::now();
     let deadline = start + c.duration;
     let mut set = JoinSet::new();
@@ -758,7 +848,9 @@ async fn connrate(c: &Common, concurrency: usize) -> Result<Value> {
         let ep = c.ep;
         set.spawn(async move {
             let (mut ok, mut errors, mut first_err) = (0u64, 0u64, None::<String>);
+            let mut lat: Vec<u64> = Vec::new();
             while Instant::now() < deadline {
+                let t0 = Instant::now();
                 let attempt = timeout(ATTEMPT_TIMEOUT, async {
                     let mut s = connect(&ep).await?;
                     let mut b = [0u8; 1];
@@ -774,7 +866,13 @@ async fn connrate(c: &Common, concurrency: usize) -> Result<Value> {
                     ))
                 });
                 match attempt {
-                    Ok(()) => ok += 1,
+                    // Connect to first response byte; the close is not timed.
+                    Ok(()) => {
+                        ok += 1;
+                        if lat.len() < per_worker_cap {
+                            lat.push(t0.elapsed().as_nanos() as u64);
+                        }
+                    }
                     Err(e) => {
                         errors += 1;
                         first_err.get_or_insert_with(|| format!("{e:#}"));
@@ -783,35 +881,54 @@ async fn connrate(c: &Common, concurrency: usize) -> Result<Value> {
                     }
                 }
             }
-            (ok, errors, first_err)
+            (ok, errors, first_err, lat)
         });
     }
     let (mut completed, mut errors, mut first_err) = (0u64, 0u64, None);
+    let mut samples = Vec::new();
     while let Some(r) = set.join_next().await {
-        let (ok, err, first) = r.context("connrate worker failed")?;
+        let (ok, err, first, lat) = r.context("connrate worker failed")?;
         completed += ok;
         errors += err;
         first_err = first_err.or(first);
+        samples.extend_from_slice(&lat);
     }
     let elapsed = start.elapsed();
-    if let Some(e) = &first_err {
-        eprintln!("meshbench: {errors} connection error(s); first: {e}");
+    let first = first_err.as_deref().unwrap_or("none");
+    match expect {
+        Expect::Allowed { max_errors } => {
+            if errors > 0 {
+                eprintln!("meshbench: {errors} connection error(s); first: {first}");
+            }
+            ensure!(
+                completed > 0,
+                "no connection completed ({errors} errors; first: {first})"
+            );
+            ensure!(
+                errors <= max_errors,
+                "{errors} of {} connection attempts failed (at most {max_errors} allowed); \
+                 first: {first}",
+                errors + completed
+            );
+        }
+        Expect::Denied => {
+            ensure!(
+                completed == 0,
+                "{completed} connection(s) went through that should have been denied \
+                 ({errors} denied)"
+            );
+            ensure!(errors > 0, "no connection attempt was made");
+            eprintln!("meshbench: all {errors} attempts denied; first: {first}");
+        }
     }
-    ensure!(
-        completed > 0,
-        "no connection completed ({errors} errors; first: {})",
-        first_err.as_deref().unwrap_or("none")
-    );
-    Ok(c.report(
-        "connrate",
-        elapsed,
-        json!({
-            "concurrency": concurrency,
-            "connections": completed,
-            "errors": errors,
-            "cps": round(completed as f64 / elapsed.as_secs_f64(), 1),
-        }),
-    ))
+    samples.sort_unstable();
+    let fields = json!({
+        "concurrency": concurrency,
+        "connections": completed,
+        "errors": errors,
+        "cps": round(completed as f64 / elapsed.as_secs_f64(), 1),
+    });
+    Ok(c.report("connrate", elapsed, merge(fields, percentiles(&samples))))
 }
 
 async fn rate(c: &Common, rps: u64, size: usize, conns: usize) -> Result<Value> {

@@ -69,13 +69,9 @@ pub fn gen_mesh(dir: &Path, size: &MeshSize) -> Result<Value> {
             )?;
         }
         for p in 0..per_ns(size.policies, ns) {
-            let action = if p % 4 == 0 { "DENY" } else { "ALLOW" };
-            writeln!(
-                y,
-                "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: policy-{p}, namespace: {name}}}\nspec:\n  action: {action}\n  selector: {{matchLabels: {{app: app-{}}}}}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/{name}/sa/sa-{}], namespaces: [{name}]}}}}]\n    to: [{{operation: {{ports: ['8080']}}}}]",
-                p % services,
-                (p + 1) % services
-            )?;
+            let app = format!("app-{}", p % services);
+            let y_policy = policy_yaml(&name, p, Some(&app), &format!("sa-{}", (p + 1) % services));
+            y.push_str(&y_policy);
         }
         std::fs::write(dir.join(format!("{name}.yaml")), y)?;
     }
@@ -84,6 +80,19 @@ pub fn gen_mesh(dir: &Path, size: &MeshSize) -> Result<Value> {
         "addresses": size.pods + services_total(size) + 1,
         "authorizations": size.policies,
     }))
+}
+
+/// The `p`th AuthorizationPolicy of namespace `ns`, as a `---`-led YAML document: every fourth
+/// one DENY, the others ALLOW; selecting `app` (the whole namespace if `None`); one rule from
+/// service account `from_sa` of the same namespace to port 8080.
+pub fn policy_yaml(ns: &str, p: usize, app: Option<&str>, from_sa: &str) -> String {
+    let action = if p.is_multiple_of(4) { "DENY" } else { "ALLOW" };
+    let selector = app
+        .map(|a| format!("  selector: {{matchLabels: {{app: {a}}}}}\n"))
+        .unwrap_or_default();
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: policy-{p}, namespace: {ns}}}\nspec:\n  action: {action}\n{selector}  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/{ns}/sa/{from_sa}], namespaces: [{ns}]}}}}]\n    to: [{{operation: {{ports: ['8080']}}}}]\n"
+    )
 }
 
 fn services_total(size: &MeshSize) -> usize {
