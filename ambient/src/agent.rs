@@ -36,6 +36,8 @@ pub struct AgentStatus {
     pub failed: BTreeMap<String, String>,
     /// Enrolled pods waiting for ztunnel.
     pub pending: BTreeSet<String>,
+    /// The agent stopped after an internal error: nothing it shows changes any more.
+    pub stopped: bool,
 }
 
 enum Event {
@@ -88,7 +90,18 @@ impl NodeAgent {
             conn: None,
             status: status.clone(),
         };
-        std::thread::spawn(move || worker.run(rx));
+        let watch = status.clone();
+        let who = node.to_owned();
+        std::thread::spawn(move || {
+            // A bug here must not go unnoticed: capture changes would silently stop.
+            let run = std::panic::AssertUnwindSafe(|| worker.run(rx));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!(node = %who, "node agent stopped after an internal error; restart the mesh");
+                if let Ok(mut s) = watch.lock() {
+                    s.stopped = true;
+                }
+            }
+        });
         Ok(Self {
             node: node.to_owned(),
             socket,
@@ -277,7 +290,7 @@ impl Worker {
     }
 
     fn publish(&self) {
-        let mut s = self.status.lock().expect("agent status lock poisoned");
+        let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         s.ztunnel_connected = self.conn.is_some();
         s.captured = self.captured.keys().cloned().collect();
         s.pending = self

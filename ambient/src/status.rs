@@ -272,6 +272,11 @@ pub fn render(inp: &Inputs) -> String {
             Err(e) => ("?".into(), "?".into(), format!("? ({e})")),
         };
         let agent = st.agents.get(node);
+        if agent.is_some_and(|a| a.stopped) {
+            problems.push(format!(
+                "the node agent on {node} stopped after an internal error: enrolment changes are not applied; `ambient down` and `ambient up` again (the supervisor log says more)."
+            ));
+        }
         let pods = agent.map(|a| a.captured.len()).unwrap_or(0);
         let agent_link = match agent {
             Some(a) if a.ztunnel_connected => "connected",

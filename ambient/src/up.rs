@@ -59,6 +59,8 @@ pub struct AgentStatusView {
     pub captured: Vec<String>,
     pub failed: BTreeMap<String, String>,
     pub pending: Vec<String>,
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl From<AgentStatus> for AgentStatusView {
@@ -68,6 +70,7 @@ impl From<AgentStatus> for AgentStatusView {
             captured: s.captured.into_iter().collect(),
             failed: s.failed,
             pending: s.pending.into_iter().collect(),
+            stopped: s.stopped,
         }
     }
 }
