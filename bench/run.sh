@@ -4,6 +4,7 @@
 #   bench/run.sh hbone            # as root: two network namespaces joined by a veth pair
 #   SECONDS_PER_TEST=10 bench/run.sh hbone
 #   ZTUNNEL_ARGS="--worker-threads 1" bench/run.sh hbone
+#   ZTUNNEL_BIN=/path/to/other/ztunnel bench/run.sh hbone   # compare two builds
 #   bench/run.sh xds              # control plane at scale: see bench/xds.sh
 #   bench/run.sh policy           # L4 authorization cost (as root): see bench/policy.sh
 #
@@ -24,7 +25,7 @@ rate_secs=${RATE_SECONDS:-10}
 scripts/setup.sh
 echo "building release binaries..." >&2
 cargo build --release --locked -q -p ztunnel -p meshbench
-zt=$PWD/target/release/ztunnel
+zt=${ZTUNNEL_BIN:-$PWD/target/release/ztunnel}
 mb=$PWD/target/release/meshbench
 
 work=$(mktemp -d /tmp/meshbench.XXXXXX)
