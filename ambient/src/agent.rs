@@ -174,16 +174,11 @@ impl Worker {
                 Err(Failure::Pod(e)) => {
                     failed.insert(pod.uid.clone(), e);
                 }
-                Err(Failure::Connection(e)) => {
-                    warn!(node = %self.node, error = %e, "node agent: ztunnel connection lost");
-                    self.conn = None;
-                    return;
-                }
+                Err(Failure::Connection(e)) => return self.lost(e),
             }
         }
         if let Err(e) = self.request(&Request::SnapshotSent, None) {
-            warn!(node = %self.node, error = %e, "node agent: ztunnel connection lost");
-            self.conn = None;
+            self.lost(e);
         }
         self.status
             .lock()
@@ -207,8 +202,7 @@ impl Worker {
                 if self.conn.is_some()
                     && let Err(e) = self.request(&Request::Del { uid }, None)
                 {
-                    warn!(node = %self.node, error = %e, "node agent: ztunnel connection lost");
-                    self.conn = None;
+                    self.lost(e);
                 }
             }
         }
@@ -236,16 +230,19 @@ impl Worker {
                 Err(Failure::Pod(e)) => {
                     failed.insert(pod.uid.clone(), e);
                 }
-                Err(Failure::Connection(e)) => {
-                    warn!(node = %self.node, error = %e, "node agent: ztunnel connection lost");
-                    self.conn = None;
-                }
+                Err(Failure::Connection(e)) => self.lost(e),
             }
         }
         self.status
             .lock()
             .expect("agent status lock poisoned")
             .failed = failed;
+    }
+
+    /// ztunnel went away: wait for it to connect again (captured pods keep their rules).
+    fn lost(&mut self, error: impl std::fmt::Display) {
+        warn!(node = %self.node, %error, "node agent: ztunnel connection lost");
+        self.conn = None;
     }
 
     /// Hands a pod to ztunnel and, once it has taken it, redirects the pod's traffic.

@@ -121,6 +121,25 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
+/// Runs an inbound connection's copy until it ends, or until a policy change denies the
+/// connection: then the copy is dropped (closing both sides) and the record says why.
+pub(crate) async fn copy_while_allowed<E: std::fmt::Display>(
+    copy: impl std::future::Future<Output = Result<(), E>>,
+    mut registration: crate::rbac::revoke::Registration,
+    record: &mut crate::metrics::ConnectionRecord,
+) {
+    tokio::select! {
+        copied = copy => {
+            if let Err(e) = copied {
+                record.fail(e);
+            }
+        }
+        Ok(why) = &mut registration.revoked => {
+            record.deny(&why.policy, &format!("closed after a policy change: {}", why.reason));
+        }
+    }
+}
+
 /// Resets the connection (RST rather than FIN) so the client sees a refusal, not an EOF.
 pub(crate) fn reset(stream: TcpStream) {
     let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));

@@ -369,18 +369,9 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         Err(e) => return record.fail(format!("answering CONNECT: {e}")),
     };
     let bytes = record.bytes.clone();
-    let mut registration = state.authorized.register(&dst_uid, decided_on);
-    tokio::select! {
-        copied = hbone::copy_bidirectional(upstream, stream, &bytes) => {
-            if let Err(e) = copied {
-                record.fail(e);
-            }
-        }
-        Ok(why) = &mut registration.revoked => {
-            // Dropping the copy resets the stream and closes the upstream connection.
-            record.deny(&why.policy, &format!("closed after a policy change: {}", why.reason));
-        }
-    }
+    let registration = state.authorized.register(&dst_uid, decided_on);
+    let copy = hbone::copy_bidirectional(upstream, stream, &bytes);
+    super::copy_while_allowed(copy, registration, &mut record).await;
 }
 
 /// The service hostname from `forwarded: ...;host=<name>`, if the client sent one.

@@ -94,15 +94,7 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
     };
     let mut record = open_record(src, dst_peer);
     let bytes = record.bytes.clone();
-    let mut registration = state.authorized.register(&dst_uid, decided_on);
-    tokio::select! {
-        copied = copy_plain(client, upstream, &bytes) => {
-            if let Err(e) = copied {
-                record.fail(e);
-            }
-        }
-        Ok(why) = &mut registration.revoked => {
-            record.deny(&why.policy, &format!("closed after a policy change: {}", why.reason));
-        }
-    }
+    let registration = state.authorized.register(&dst_uid, decided_on);
+    let copy = copy_plain(client, upstream, &bytes);
+    super::copy_while_allowed(copy, registration, &mut record).await;
 }
