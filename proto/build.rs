@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/istio/security/authorization.proto",
         "proto/istio/ca/ca.proto",
         "proto/envoy/discovery.proto",
+        "proto/ambient/waypoint.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -1,7 +1,8 @@
 //! Protobuf messages spoken between istiod-lite, ztunnel and the waypoint.
 //!
 //! Package names, type URLs and field numbers match Istio's so each side can talk to Istio's
-//! own components. Only the fields this project uses are declared; unknown fields from a newer
+//! own components; the exception is the waypoint's configuration (`ambient.waypoint`), which is
+//! the project's own design (Istio configures its waypoint with Envoy's types). Only the fields this project uses are declared; unknown fields from a newer
 //! peer are skipped by the decoder, as protobuf intends. Modules nest as the proto packages do
 //! (generated code refers across packages by relative path); the short names below are the ones
 //! to use.
@@ -28,6 +29,12 @@ pub mod istio {
     }
 }
 
+pub mod ambient {
+    pub mod waypoint {
+        include!(concat!(env!("OUT_DIR"), "/ambient.waypoint.rs"));
+    }
+}
+
 pub mod envoy {
     pub mod service {
         pub mod discovery {
@@ -38,6 +45,7 @@ pub mod envoy {
     }
 }
 
+pub use ambient::waypoint;
 pub use envoy::service::discovery::v3 as discovery;
 pub use google::rpc;
 pub use istio::security;
@@ -48,6 +56,10 @@ pub use istio::workload;
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// Type URL of `istio.security.Authorization` resources in xDS.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Type URL of the waypoint's `ambient.waypoint.Route` resources (HTTPRoutes and GRPCRoutes).
+pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/ambient.waypoint.Route";
+/// Type URL of the waypoint's `ambient.waypoint.Policy` resources (L7 authorization).
+pub const WAYPOINT_POLICY_TYPE_URL: &str = "type.googleapis.com/ambient.waypoint.Policy";
 /// Ends `system_version_info` of a delta xDS response that is not the last part of a push
 /// split across several responses: a proxy should not count itself in sync on it.
 pub const PARTIAL_PUSH_SUFFIX: &str = "+partial";
