@@ -1,5 +1,7 @@
 //! The delta xDS client: one `DeltaAggregatedResources` stream to istiod-lite subscribing to
-//! workloads/services and authorization policies, applied to the store as they arrive.
+//! workloads/services and authorization policies, applied to the store as they arrive. The
+//! client is generic over what it subscribes to ([`ResourceSet`]): the waypoint follows
+//! istiod-lite with the same code and its own types.
 //!
 //! Every response is answered: an ACK, or a NACK naming each rejected resource (the valid ones
 //! are applied all the same). The stream is reopened forever with jittered exponential
@@ -11,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use mesh_proto::discovery::{DeltaDiscoveryRequest, Node};
+use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::metadata::AsciiMetadataValue;
@@ -21,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ControlPlaneAddr, ZTUNNEL_NAMESPACE};
 use crate::grpc::{self, Token};
 use crate::metrics::{Metrics, XdsTermination};
+pub use resources::Applied;
 use crate::state::Store;
 
 pub mod convert;
@@ -38,22 +41,82 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// The xDS node ztunnel presents: `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`
 /// with metadata NAME, NAMESPACE and NODE_NAME.
 pub fn node(node_name: &str) -> Node {
+    proxy_node("ztunnel", node_name, ZTUNNEL_NAMESPACE, node_name)
+}
+
+/// The xDS node of a proxy of `kind` (`ztunnel`, or `router` for a waypoint) named `name` in
+/// `namespace` on `node_name`, in Istio's form.
+pub fn proxy_node(kind: &str, name: &str, namespace: &str, node_name: &str) -> Node {
     use prost_types::value::Kind;
     let string = |s: &str| prost_types::Value {
         kind: Some(Kind::StringValue(s.to_owned())),
     };
-    let ns = ZTUNNEL_NAMESPACE;
+    let ns = namespace;
     Node {
-        id: format!("ztunnel~0.0.0.0~{node_name}.{ns}~{ns}.svc.cluster.local"),
+        id: format!("{kind}~0.0.0.0~{name}.{ns}~{ns}.svc.cluster.local"),
         cluster: String::new(),
         metadata: Some(prost_types::Struct {
             fields: [
-                ("NAME".to_owned(), string(node_name)),
+                ("NAME".to_owned(), string(name)),
                 ("NAMESPACE".to_owned(), string(ns)),
                 ("NODE_NAME".to_owned(), string(node_name)),
             ]
             .into(),
         }),
+    }
+}
+
+/// What a client subscribes to, and the state machine that applies what arrives.
+pub trait ResourceSet: Send + 'static {
+    /// The types subscribed to, in the order they are asked for.
+    const TYPE_URLS: &'static [&'static str];
+    /// The first request for `type_url` on a stream, listing what is held already.
+    fn initial_request(&self, type_url: &str, node: &Node) -> DeltaDiscoveryRequest;
+    /// Applies the valid part of `resp` and says how to answer it.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Applied;
+    /// How many resources of `type_url` are held.
+    fn len(&self, type_url: &str) -> usize;
+}
+
+impl ResourceSet for Resources {
+    const TYPE_URLS: &'static [&'static str] = &TYPE_URLS;
+
+    fn initial_request(&self, type_url: &str, node: &Node) -> DeltaDiscoveryRequest {
+        Resources::initial_request(self, type_url, node)
+    }
+
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Applied {
+        Resources::apply(self, resp)
+    }
+
+    fn len(&self, type_url: &str) -> usize {
+        Resources::len(self, type_url)
+    }
+}
+
+/// Where a client reports its stream's health (Prometheus counters, in practice).
+pub trait XdsReport: Send + Sync + 'static {
+    fn connected(&self, up: bool);
+    fn terminated(&self, reason: XdsTermination);
+    fn reconnecting(&self);
+    fn nacked(&self);
+}
+
+impl XdsReport for Metrics {
+    fn connected(&self, up: bool) {
+        self.xds_connected.set(i64::from(up));
+    }
+
+    fn terminated(&self, reason: XdsTermination) {
+        self.xds_terminated(reason);
+    }
+
+    fn reconnecting(&self) {
+        self.xds_reconnects.inc();
+    }
+
+    fn nacked(&self) {
+        self.xds_nacks.inc();
     }
 }
 
@@ -83,13 +146,18 @@ struct TypeStatus {
 }
 
 impl XdsStatus {
-    /// A status for a client of `addr`: disconnected, nothing ACKed yet.
+    /// A status for ztunnel's client of `addr`: disconnected, nothing ACKed yet.
     pub fn new(addr: &ControlPlaneAddr) -> Self {
+        Self::for_types(addr, &TYPE_URLS)
+    }
+
+    /// A status for a client of `addr` subscribing to `types`.
+    pub fn for_types(addr: &ControlPlaneAddr, types: &[&'static str]) -> Self {
         let s = Self::default();
         {
             let mut inner = s.lock();
             inner.address = addr.to_string();
-            for t in TYPE_URLS {
+            for t in types {
                 inner.types.insert(t, TypeStatus::default());
             }
         }
@@ -126,17 +194,32 @@ impl XdsStatus {
     }
 }
 
-/// Follows istiod-lite and keeps the store in line with it.
-pub struct XdsClient {
+/// Follows istiod-lite and keeps the proxy's config in line with it.
+pub struct XdsClient<R: ResourceSet = Resources> {
     addr: ControlPlaneAddr,
     channel: Channel,
     token: Token,
     cluster_id: Option<AsciiMetadataValue>,
     node: Node,
-    store: Store,
     status: XdsStatus,
-    metrics: Metrics,
-    on_change: Arc<dyn Fn() + Send + Sync>,
+    report: Arc<dyn XdsReport>,
+    /// Taken by [`run`](Self::run), which owns it from then on.
+    resources: Option<R>,
+    /// Runs after every response that changed what is held.
+    publish: Box<dyn Fn(&R) + Send + Sync>,
+}
+
+/// Who a client is and where it connects: what [`XdsClient::with_resources`] needs besides
+/// the resources.
+pub struct ClientParts {
+    pub addr: ControlPlaneAddr,
+    /// See [`grpc::channel_from_config`].
+    pub channel: Channel,
+    pub token: Token,
+    pub cluster_id: String,
+    pub node: Node,
+    pub status: XdsStatus,
+    pub report: Arc<dyn XdsReport>,
 }
 
 /// Reconnect delays: [`INITIAL_BACKOFF`] doubling to [`MAX_BACKOFF`], each jittered by ±50%
@@ -168,10 +251,10 @@ struct StreamEnd {
     error: String,
 }
 
-impl XdsClient {
-    /// A client for `addr` over `channel` (see [`grpc::channel_from_config`]), with the token,
-    /// node name and cluster id of `cfg`, reporting to `status`. `on_change` runs after every
-    /// update applied to `store`.
+impl XdsClient<Resources> {
+    /// ztunnel's client for `addr` over `channel` (see [`grpc::channel_from_config`]), with
+    /// the token, node name and cluster id of `cfg`, reporting to `status`. `on_change` runs
+    /// after every update applied to `store`.
     pub fn new(
         cfg: &Config,
         addr: &ControlPlaneAddr,
@@ -181,16 +264,40 @@ impl XdsClient {
         status: XdsStatus,
         on_change: Arc<dyn Fn() + Send + Sync>,
     ) -> Self {
-        Self {
+        let parts = ClientParts {
             addr: addr.clone(),
             channel,
             token: Token::new(cfg.token_file.clone()),
-            cluster_id: AsciiMetadataValue::try_from(cfg.cluster_id.as_str()).ok(),
+            cluster_id: cfg.cluster_id.clone(),
             node: node(&cfg.node_name),
-            store,
             status,
-            metrics,
-            on_change,
+            report: Arc::new(metrics),
+        };
+        Self::with_resources(parts, Resources::default(), move |r: &Resources| {
+            store.replace(r.snapshot());
+            on_change();
+        })
+    }
+}
+
+impl<R: ResourceSet> XdsClient<R> {
+    /// A client subscribing to what `resources` holds; `publish` runs after every response
+    /// that changed it.
+    pub fn with_resources(
+        parts: ClientParts,
+        resources: R,
+        publish: impl Fn(&R) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            addr: parts.addr,
+            channel: parts.channel,
+            token: parts.token,
+            cluster_id: AsciiMetadataValue::try_from(parts.cluster_id.as_str()).ok(),
+            node: parts.node,
+            status: parts.status,
+            report: parts.report,
+            resources: Some(resources),
+            publish: Box::new(publish),
         }
     }
 
@@ -199,8 +306,10 @@ impl XdsClient {
     }
 
     /// Runs until the task is dropped.
-    pub async fn run(self) {
-        let mut resources = Resources::default();
+    pub async fn run(mut self) {
+        let Some(mut resources) = self.resources.take() else {
+            return;
+        };
         let mut backoff = Backoff::default();
         let mut reported: Option<String> = None;
         loop {
@@ -210,8 +319,8 @@ impl XdsClient {
                 s.connected = false;
                 s.last_error = Some(end.error.clone());
             }
-            self.metrics.xds_connected.set(0);
-            self.metrics.xds_terminated(end.reason);
+            self.report.connected(false);
+            self.report.terminated(end.reason);
             if end.delivered {
                 backoff = Backoff::default();
                 reported = None;
@@ -237,19 +346,19 @@ impl XdsClient {
                 );
             }
             tokio::time::sleep(delay).await;
-            self.metrics.xds_reconnects.inc();
+            self.report.reconnecting();
         }
     }
 
     /// One stream, from opening to its end.
-    async fn stream(&self, resources: &mut Resources) -> StreamEnd {
+    async fn stream(&self, resources: &mut R) -> StreamEnd {
         let end = |delivered, reason, error: String| StreamEnd {
             delivered,
             reason,
             error,
         };
         let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
-        for t in TYPE_URLS {
+        for t in R::TYPE_URLS {
             let _ = tx.send(resources.initial_request(t, &self.node));
         }
         let outbound =
@@ -280,7 +389,7 @@ impl XdsClient {
         };
         info!(addr = %self.addr, "xDS stream to istiod-lite established");
         self.status.lock().connected = true;
-        self.metrics.xds_connected.set(1);
+        self.report.connected(true);
         let mut delivered = false;
         loop {
             let resp = match inbound.message().await {
@@ -303,8 +412,7 @@ impl XdsClient {
             delivered = true;
             let applied = resources.apply(&resp);
             if applied.changed {
-                self.store.replace(resources.snapshot());
-                (self.on_change)();
+                (self.publish)(resources);
             }
             let partial = resp
                 .system_version_info
@@ -319,7 +427,7 @@ impl XdsClient {
                     "xDS update applied"
                 );
             } else {
-                self.metrics.xds_nacks.inc();
+                self.report.nacked();
                 let message = applied
                     .reply
                     .error_detail
@@ -342,8 +450,8 @@ impl XdsClient {
         &self,
         type_url: &str,
         nonce: &str,
-        applied: &resources::Applied,
-        resources: &Resources,
+        applied: &Applied,
+        resources: &R,
         partial: bool,
     ) {
         let mut s = self.status.lock();

@@ -24,15 +24,62 @@ const MAX_NAMED_REJECTIONS: usize = 20;
 pub struct Resources {
     /// Workloads by uid and services by `namespace/hostname`: one xDS type, one namespace of
     /// names, so a removal names either.
-    addresses: BTreeMap<String, Held<AddressResource>>,
+    addresses: Typed<AddressResource>,
     /// By `namespace/name`.
-    authorizations: BTreeMap<String, Held<Authorization>>,
+    authorizations: Typed<Authorization>,
+}
+
+/// The resources held of one type, by name, each with the version it came with.
+#[derive(Debug)]
+pub struct Typed<T> {
+    held: BTreeMap<String, Held<T>>,
+}
+
+impl<T> Default for Typed<T> {
+    fn default() -> Self {
+        Self {
+            held: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Held<T> {
     version: String,
     value: T,
+}
+
+impl<T> Typed<T> {
+    /// Name → version of every resource held.
+    pub fn versions(&self) -> BTreeMap<String, String> {
+        self.held
+            .iter()
+            .map(|(k, h)| (k.clone(), h.version.clone()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.held.values().map(|h| &h.value)
+    }
+
+    /// Applies the removals and the resources of `resp` that `decode` accepts (it returns the
+    /// name the value must be sent under); returns whether anything changed and `name: reason`
+    /// for each resource rejected, which keeps its previous version.
+    pub fn apply(
+        &mut self,
+        resp: &DeltaDiscoveryResponse,
+        decode: impl Fn(&Resource, &str) -> Result<(String, T), String>,
+    ) -> (bool, Vec<String>) {
+        apply_typed(&mut self.held, resp, decode)
+    }
 }
 
 /// What applying one response did, and how to answer it.
@@ -50,6 +97,44 @@ impl Applied {
     pub fn is_ack(&self) -> bool {
         self.reply.error_detail.is_none()
     }
+
+    /// The answer to `resp` of a subscribed type: an ACK, or a NACK naming what was rejected.
+    pub fn answering(resp: &DeltaDiscoveryResponse, changed: bool, rejected: Vec<String>) -> Self {
+        let message = (!rejected.is_empty()).then(|| nack_message(&rejected, resp.resources.len()));
+        Self::reply(resp, changed, rejected, message)
+    }
+
+    /// The NACK of a response of a type that was never asked for.
+    pub fn unsubscribed(resp: &DeltaDiscoveryResponse, subscribed: &[&str]) -> Self {
+        let why = format!(
+            "type {:?} was not subscribed to (only {})",
+            resp.type_url,
+            subscribed.join(" and ")
+        );
+        Self::reply(resp, false, vec![why.clone()], Some(why))
+    }
+
+    fn reply(
+        resp: &DeltaDiscoveryResponse,
+        changed: bool,
+        rejected: Vec<String>,
+        message: Option<String>,
+    ) -> Self {
+        Self {
+            reply: DeltaDiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                response_nonce: resp.nonce.clone(),
+                error_detail: message.map(|message| rpc::Status {
+                    code: INVALID_ARGUMENT,
+                    message,
+                    details: vec![],
+                }),
+                ..Default::default()
+            },
+            changed,
+            rejected,
+        }
+    }
 }
 
 impl Resources {
@@ -66,14 +151,9 @@ impl Resources {
 
     /// Name → version of every resource held of `type_url`.
     pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
-        fn of<T>(m: &BTreeMap<String, Held<T>>) -> BTreeMap<String, String> {
-            m.iter()
-                .map(|(k, h)| (k.clone(), h.version.clone()))
-                .collect()
-        }
         match type_url {
-            ADDRESS_TYPE_URL => of(&self.addresses),
-            AUTHORIZATION_TYPE_URL => of(&self.authorizations),
+            ADDRESS_TYPE_URL => self.addresses.versions(),
+            AUTHORIZATION_TYPE_URL => self.authorizations.versions(),
             _ => BTreeMap::new(),
         }
     }
@@ -94,38 +174,22 @@ impl Resources {
     /// Applies the valid part of `resp`: removals first, then each resource that converts
     /// cleanly. A rejected resource keeps its previous version, and the reply names it.
     pub fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Applied {
-        let (changed, rejected) = match resp.type_url.as_str() {
-            ADDRESS_TYPE_URL => apply_typed(&mut self.addresses, resp, decode_address),
-            AUTHORIZATION_TYPE_URL => {
-                apply_typed(&mut self.authorizations, resp, decode_authorization)
+        match resp.type_url.as_str() {
+            ADDRESS_TYPE_URL => {
+                let (changed, rejected) = self.addresses.apply(resp, decode_address);
+                Applied::answering(resp, changed, rejected)
             }
-            other => (
-                false,
-                vec![format!(
-                    "type {other:?} was not subscribed to (only {ADDRESS_TYPE_URL} and {AUTHORIZATION_TYPE_URL})"
-                )],
-            ),
-        };
-        let known = TYPE_URLS.contains(&resp.type_url.as_str());
-        let error_detail = (!rejected.is_empty()).then(|| rpc::Status {
-            code: INVALID_ARGUMENT,
-            message: if known {
-                nack_message(&rejected, resp.resources.len())
-            } else {
-                rejected.join("; ")
-            },
-            details: vec![],
-        });
-        Applied {
-            reply: DeltaDiscoveryRequest {
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
-                error_detail,
-                ..Default::default()
-            },
-            changed,
-            rejected,
+            AUTHORIZATION_TYPE_URL => {
+                let (changed, rejected) = self.authorizations.apply(resp, decode_authorization);
+                Applied::answering(resp, changed, rejected)
+            }
+            _ => Applied::unsubscribed(resp, &TYPE_URLS),
         }
+    }
+
+    /// The workloads and services held.
+    pub fn addresses(&self) -> impl Iterator<Item = &AddressResource> {
+        self.addresses.values()
     }
 
     /// The snapshot of everything held. A service's endpoints are the workloads whose
@@ -134,7 +198,7 @@ impl Resources {
         let mut workloads = Vec::new();
         let mut services = Vec::new();
         for held in self.addresses.values() {
-            match &held.value {
+            match held {
                 AddressResource::Workload(w) => workloads.push(w.clone()),
                 AddressResource::Service(s) => services.push(s.clone()),
             }
@@ -148,11 +212,7 @@ impl Resources {
         for s in &mut services {
             s.endpoints = endpoints.remove(s.key().as_str()).unwrap_or_default();
         }
-        let policies = self
-            .authorizations
-            .values()
-            .map(|h| h.value.clone())
-            .collect();
+        let policies = self.authorizations.values().cloned().collect();
         Snapshot::with_policies(workloads, services, policies)
     }
 }
@@ -193,7 +253,8 @@ fn apply_typed<T>(
     (changed, rejected)
 }
 
-fn body<'a>(r: &'a Resource, type_url: &str) -> Result<&'a [u8], String> {
+/// The encoded message of `r`, which must be of `type_url`.
+pub fn body<'a>(r: &'a Resource, type_url: &str) -> Result<&'a [u8], String> {
     let any = r
         .resource
         .as_ref()
