@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, ControlPlaneAddr, ZTUNNEL_NAMESPACE};
 use crate::grpc::{self, Token};
 use crate::metrics::{Metrics, XdsTermination};
-pub use resources::Applied;
 use crate::state::Store;
+pub use resources::Applied;
 
 pub mod convert;
 pub mod resources;
@@ -446,14 +446,7 @@ impl<R: ResourceSet> XdsClient<R> {
         }
     }
 
-    fn record(
-        &self,
-        type_url: &str,
-        nonce: &str,
-        applied: &Applied,
-        resources: &R,
-        partial: bool,
-    ) {
+    fn record(&self, type_url: &str, nonce: &str, applied: &Applied, resources: &R, partial: bool) {
         let mut s = self.status.lock();
         let Some(t) = s.types.get_mut(type_url) else {
             return;
