@@ -10,10 +10,12 @@ use http::StatusCode;
 mod copy;
 mod pool;
 mod server;
+mod stream_io;
 
 pub use copy::{ByteCounters, copy_bidirectional};
 pub use pool::{Dialer, Pool, PoolConfig, PoolKey, PoolStats, PooledStream, SocketMaker};
 pub use server::{AcceptError, Connect, ServerConfig, serve_connection};
+pub use stream_io::StreamIo;
 
 /// Inbound HBONE port.
 pub const HBONE_PORT: u16 = 15008;
