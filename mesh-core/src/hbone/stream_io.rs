@@ -132,10 +132,10 @@ impl AsyncWrite for StreamIo {
         let this = &mut *self;
         if !this.write_done {
             this.write_done = true;
-            if let Err(e) = this.send.send_data(Bytes::new(), true) {
-                if !is_graceful_reset(&e) {
-                    return Poll::Ready(Err(to_io(e)));
-                }
+            if let Err(e) = this.send.send_data(Bytes::new(), true)
+                && !is_graceful_reset(&e)
+            {
+                return Poll::Ready(Err(to_io(e)));
             }
         }
         Poll::Ready(Ok(()))
