@@ -25,15 +25,16 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
-/// Serves `handler` on `listener` until shutdown.
+/// Serves `handler` on `listener` until `drain` resolves (shutdown).
 pub async fn serve<H>(
     listener: TcpListener,
     component: &'static str,
-    state: Arc<ProxyState>,
+    drain: impl std::future::Future<Output = ()>,
     handler: H,
 ) where
     H: Fn(&Method, &str) -> Response<Body> + Clone + Send + Sync + 'static,
 {
+    tokio::pin!(drain);
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, component, "listener established");
     }
@@ -50,7 +51,7 @@ pub async fn serve<H>(
                     continue;
                 }
             },
-            _ = state.draining() => return,
+            _ = &mut drain => return,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(component, "too many connections; dropping one");

@@ -267,17 +267,22 @@ impl Ztunnel {
                 failures.clone(),
                 quit.clone(),
             );
-            tasks.push(tokio::spawn(admin::serve(l, "admin", state.clone(), h)));
+            tasks.push(tokio::spawn(admin::serve(l, "admin", draining(&state), h)));
         }
         if let Some(l) = metrics_l {
             let h = admin::metrics_handler(state.clone());
-            tasks.push(tokio::spawn(admin::serve(l, "metrics", state.clone(), h)));
+            tasks.push(tokio::spawn(admin::serve(
+                l,
+                "metrics",
+                draining(&state),
+                h,
+            )));
         }
         if let Some(l) = readiness_l {
             tasks.push(tokio::spawn(admin::serve(
                 l,
                 "readiness",
-                state.clone(),
+                draining(&state),
                 admin::readiness_handler(state.clone(), inpod.clone()),
             )));
         }
@@ -407,4 +412,10 @@ impl Ztunnel {
         drop(self.inbound);
         info!("ztunnel stopped");
     }
+}
+
+/// Resolves when `state` starts draining.
+fn draining(state: &Arc<ProxyState>) -> impl std::future::Future<Output = ()> + use<> {
+    let state = state.clone();
+    async move { state.draining().await }
 }
