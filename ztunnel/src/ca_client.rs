@@ -60,17 +60,34 @@ pub struct CaClient {
 impl CaClient {
     /// A client for the CA at `addr`, with the roots, token and socket mark of `cfg`.
     pub fn new(cfg: &Config, addr: &ControlPlaneAddr) -> Result<Self, GrpcError> {
-        let channel =
-            grpc::channel_from_config(addr, cfg.xds_root_cert.as_deref(), cfg.socket_mark)?;
-        let roots = match &cfg.xds_root_cert {
+        Self::with_parts(
+            addr,
+            cfg.xds_root_cert.as_deref(),
+            cfg.token_file.clone(),
+            &cfg.cluster_id,
+            cfg.socket_mark,
+        )
+    }
+
+    /// A client for the CA at `addr` trusting the PEM roots at `root_cert` (for `https://`),
+    /// sending the token in `token_file` and `cluster_id`, its sockets marked with `mark`.
+    pub fn with_parts(
+        addr: &ControlPlaneAddr,
+        root_cert: Option<&std::path::Path>,
+        token_file: Option<std::path::PathBuf>,
+        cluster_id: &str,
+        mark: Option<u32>,
+    ) -> Result<Self, GrpcError> {
+        let channel = grpc::channel_from_config(addr, root_cert, mark)?;
+        let roots = match root_cert {
             None => None,
             Some(path) => {
                 let pem = std::fs::read_to_string(path).map_err(|source| GrpcError::ReadRoots {
-                    path: path.clone(),
+                    path: path.to_owned(),
                     source,
                 })?;
                 Some(TrustRoots::from_pem(&pem).map_err(|e| GrpcError::BadRoots {
-                    path: path.clone(),
+                    path: path.to_owned(),
                     reason: e.to_string(),
                 })?)
             }
@@ -78,8 +95,8 @@ impl CaClient {
         Ok(Self {
             addr: addr.clone(),
             channel,
-            token: Token::new(cfg.token_file.clone()),
-            cluster_id: AsciiMetadataValue::try_from(cfg.cluster_id.as_str()).ok(),
+            token: Token::new(token_file),
+            cluster_id: AsciiMetadataValue::try_from(cluster_id).ok(),
             roots,
         })
     }
