@@ -1,9 +1,47 @@
-//! The waypoint (L7 proxy) is not built yet. This binary exists so the workspace has its final
-//! shape; it refuses to run rather than pretend. See docs/architecture.md.
+use anyhow::Context;
+use tracing::info;
+use waypoint::{Config, Waypoint};
 
-fn main() {
-    eprintln!(
-        "waypoint: the L7 proxy is not implemented yet; traffic through the mesh is L4 only (see docs/architecture.md)"
-    );
-    std::process::exit(2);
+fn main() -> anyhow::Result<()> {
+    let cfg = match Config::from_args(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e:#}");
+            std::process::exit(2);
+        }
+    };
+    init_tracing();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let wp = Waypoint::start(cfg).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("interrupted; shutting down"),
+        _ = term.recv() => info!("terminated; shutting down"),
+        _ = wp.quit_requested() => info!("quit requested; shutting down"),
+    }
+    wp.shutdown().await;
+    Ok(())
+}
+
+fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
 }

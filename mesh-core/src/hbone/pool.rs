@@ -125,6 +125,13 @@ pub struct PooledStream {
     _slot: StreamSlot,
 }
 
+impl PooledStream {
+    /// The stream as bytes to read and write; it keeps its slot for as long as it lives.
+    pub fn into_io(self) -> super::StreamIo {
+        super::StreamIo::holding(self.stream, self._slot)
+    }
+}
+
 /// Counts reported by `/config_dump`.
 #[derive(Debug, Clone)]
 pub struct PoolStats {
@@ -178,7 +185,7 @@ struct Conn {
     driver: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
-struct StreamSlot {
+pub(super) struct StreamSlot {
     conn: Arc<Conn>,
 }
 

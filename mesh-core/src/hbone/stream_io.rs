@@ -25,6 +25,8 @@ pub struct StreamIo {
     pending: Bytes,
     read_done: bool,
     write_done: bool,
+    /// The pool slot of a pooled stream, freed when the stream goes.
+    _slot: Option<super::pool::StreamSlot>,
 }
 
 impl StreamIo {
@@ -35,7 +37,14 @@ impl StreamIo {
             pending: Bytes::new(),
             read_done: false,
             write_done: false,
+            _slot: None,
         }
+    }
+
+    pub(super) fn holding(stream: H2Stream, slot: super::pool::StreamSlot) -> Self {
+        let mut io = Self::new(stream);
+        io._slot = Some(slot);
+        io
     }
 
     /// Gives back bytes already read (a protocol sniffer's peek): they are read again first.
