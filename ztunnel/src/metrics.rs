@@ -65,6 +65,10 @@ pub enum RefusalReason {
     handshake_failed,
     /// An authorization policy denied the connection.
     policy_denied,
+    /// The destination's waypoint is not in the config.
+    unknown_waypoint,
+    /// The destination's waypoint has no ready pod.
+    no_healthy_waypoint,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -271,6 +275,8 @@ pub struct ConnectionRecord {
     error: Option<String>,
     /// `namespace/name` of the authorization policy that denied the connection.
     policy: Option<String>,
+    /// The CONNECT authority, when it is not the destination itself (through a waypoint).
+    hbone_target: Option<SocketAddr>,
     live_id: u64,
 }
 
@@ -339,6 +345,7 @@ impl ConnectionRecord {
             tunnel_is_client: false,
             error: None,
             policy: None,
+            hbone_target: None,
             live_id,
         }
     }
@@ -346,6 +353,12 @@ impl ConnectionRecord {
     /// Marks the counters as filled by a copy whose tunnel side faces the client.
     pub fn client_on_tunnel_side(mut self) -> Self {
         self.tunnel_is_client = true;
+        self
+    }
+
+    /// Notes that the tunnel asked the destination (a waypoint) for `target`.
+    pub fn hbone_target(mut self, target: SocketAddr) -> Self {
+        self.hbone_target = Some(target);
         self
     }
 
@@ -408,6 +421,7 @@ impl Drop for ConnectionRecord {
                     src.workload = %fmt_wl(&self.src),
                     src.identity = self.src.identity.as_deref().unwrap_or(""),
                     dst.addr = %fmt_addr(self.dst.addr),
+                    dst.hbone_addr = %fmt_addr(self.hbone_target),
                     dst.workload = %fmt_wl(&self.dst),
                     dst.identity = self.dst.identity.as_deref().unwrap_or(""),
                     dst.service = self.service.as_deref().unwrap_or(""),

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use mesh_core::SpiffeId;
 
 pub mod policy;
+mod waypoint;
 
 pub use policy::{Authorization, PolicyScope};
 
@@ -152,6 +153,22 @@ pub enum Destination {
         addr: SocketAddr,
         service: Option<Arc<Service>>,
     },
+    /// Through the waypoint of the service or workload addressed: HBONE to one of the
+    /// waypoint's pods, whatever tunnel protocol that pod is listed with, asking it for
+    /// `target`.
+    Waypoint {
+        /// The waypoint pod chosen; the server must prove its identity.
+        waypoint: Arc<Workload>,
+        /// That pod's address and the port it takes HBONE on.
+        addr: SocketAddr,
+        /// The CONNECT authority: the original destination (service VIP and port, or pod
+        /// address and port).
+        target: SocketAddr,
+        service: Option<Arc<Service>>,
+        /// The workload addressed, when the connection was for one (a pod address, or the
+        /// endpoint picked behind a VIP whose own waypoint applies).
+        workload: Option<Arc<Workload>>,
+    },
     /// Not known to the mesh: forwarded unchanged as plain TCP.
     Passthrough(SocketAddr),
 }
@@ -162,6 +179,14 @@ pub enum ResolveError {
     NoHealthyEndpoints(String),
     #[error("service {service} does not expose port {port}")]
     UnknownPort { service: String, port: u16 },
+    /// The waypoint named for the destination is not in the config: refused rather than
+    /// sent around it.
+    #[error(
+        "waypoint {0} is not a known service or workload; traffic that must pass through it is refused"
+    )]
+    UnknownWaypoint(String),
+    #[error("waypoint {0} has no ready endpoint")]
+    NoHealthyWaypoint(String),
 }
 
 impl Snapshot {
@@ -261,7 +286,25 @@ impl Snapshot {
     /// Resolves an original destination: service VIP first, then workload address, else
     /// passthrough. Behind a VIP the target port is the endpoint's own for the service when the
     /// control plane resolved one (named target ports differ per pod), else the service's.
+    /// A service or workload with a waypoint is reached through that waypoint (see
+    /// [`resolve_from`](Self::resolve_from)).
     pub fn resolve(&self, dst: SocketAddr) -> Result<Destination, ResolveError> {
+        self.resolve_from(None, dst)
+    }
+
+    /// [`resolve`](Self::resolve) for a connection from `source`. Waypoints apply as in
+    /// Istio: a VIP whose service has a waypoint goes to that waypoint, `target` being the VIP
+    /// and port; a pod address whose workload has a waypoint goes to that one, `target` being
+    /// the pod address and port. A VIP whose service has none picks an endpoint, and if that
+    /// endpoint has a waypoint of its own the connection goes there for the endpoint's address
+    /// and target port, since the endpoint accepts nothing else. A source that is itself the
+    /// waypoint in question goes straight on, so a waypoint never loops to itself. A waypoint
+    /// that cannot be resolved is an error: traffic never goes around it.
+    pub fn resolve_from(
+        &self,
+        source: Option<&Workload>,
+        dst: SocketAddr,
+    ) -> Result<Destination, ResolveError> {
         if let Some(svc) = self.services_by_vip.get(&dst.ip()) {
             let service_target = svc
                 .target_port(dst.port())
@@ -269,34 +312,52 @@ impl Snapshot {
                     service: svc.hostname.clone(),
                     port: dst.port(),
                 })?;
-            let healthy = || {
-                svc.endpoints
-                    .iter()
-                    .filter_map(|uid| self.workloads.get(uid))
-                    .filter(|w| w.healthy && !w.addresses.is_empty())
-            };
-            let count = healthy().count();
-            if count == 0 {
-                return Err(ResolveError::NoHealthyEndpoints(svc.hostname.clone()));
+            if let Some(gw) = self.waypoint_to_use(svc.waypoint.as_ref(), source) {
+                let (waypoint, addr) = self.waypoint_endpoint(gw, dst.is_ipv4())?;
+                return Ok(Destination::Waypoint {
+                    waypoint,
+                    addr,
+                    target: dst,
+                    service: Some(svc.clone()),
+                    workload: None,
+                });
             }
-            let w = healthy()
-                .nth(fastrand::usize(..count))
-                .expect("the n-th of count healthy endpoints exists");
-            let ip = w
-                .addresses
-                .iter()
-                .find(|a| a.is_ipv4() == dst.is_ipv4())
-                .unwrap_or(&w.addresses[0]);
+            let w = self
+                .pick_healthy(svc)
+                .ok_or_else(|| ResolveError::NoHealthyEndpoints(svc.hostname.clone()))?;
+            let ip = address_for(w, dst.is_ipv4())
+                .expect("pick_healthy only returns workloads with an address");
             let target_port = w
                 .target_port(&svc.key(), dst.port())
                 .unwrap_or(service_target);
+            let addr = SocketAddr::new(ip, target_port);
+            if let Some(gw) = self.waypoint_to_use(w.waypoint.as_ref(), source) {
+                let (waypoint, wp_addr) = self.waypoint_endpoint(gw, dst.is_ipv4())?;
+                return Ok(Destination::Waypoint {
+                    waypoint,
+                    addr: wp_addr,
+                    target: addr,
+                    service: Some(svc.clone()),
+                    workload: Some(w.clone()),
+                });
+            }
             return Ok(Destination::Workload {
                 workload: w.clone(),
-                addr: SocketAddr::new(*ip, target_port),
+                addr,
                 service: Some(svc.clone()),
             });
         }
         if let Some(w) = self.by_ip.get(&dst.ip()) {
+            if let Some(gw) = self.waypoint_to_use(w.waypoint.as_ref(), source) {
+                let (waypoint, addr) = self.waypoint_endpoint(gw, dst.is_ipv4())?;
+                return Ok(Destination::Waypoint {
+                    waypoint,
+                    addr,
+                    target: dst,
+                    service: None,
+                    workload: Some(w.clone()),
+                });
+            }
             return Ok(Destination::Workload {
                 workload: w.clone(),
                 addr: dst,
@@ -305,6 +366,32 @@ impl Snapshot {
         }
         Ok(Destination::Passthrough(dst))
     }
+
+    /// A random healthy endpoint of `svc` that has an address. Allocation-free: two passes
+    /// over the endpoint list.
+    fn pick_healthy(&self, svc: &Service) -> Option<&Arc<Workload>> {
+        let healthy = || {
+            svc.endpoints
+                .iter()
+                .filter_map(|uid| self.workloads.get(uid))
+                .filter(|w| w.healthy && !w.addresses.is_empty())
+        };
+        let count = healthy().count();
+        if count == 0 {
+            return None;
+        }
+        healthy().nth(fastrand::usize(..count))
+    }
+}
+
+/// The address of `w` to use for a destination of the given family: one of that family if
+/// it has one, else its first.
+fn address_for(w: &Workload, v4: bool) -> Option<IpAddr> {
+    w.addresses
+        .iter()
+        .find(|a| a.is_ipv4() == v4)
+        .or_else(|| w.addresses.first())
+        .copied()
 }
 
 /// The current snapshot, swapped whole on config change. Readers take a cheap `Arc` clone

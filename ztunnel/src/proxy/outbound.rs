@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::{ProxyState, orig_dst, reset};
 use crate::metrics::{ConnectionRecord, Direction, Peer, RefusalReason, Reporter};
-use crate::state::{Destination, Protocol, ResolveError};
+use crate::state::{Destination, Protocol, ResolveError, Workload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -27,6 +27,13 @@ pub enum OutboundError {
     Cert(#[from] mesh_core::certs::CertError),
     #[error("HBONE to {dst}: {error}")]
     Hbone { dst: SocketAddr, error: HboneError },
+    #[error("HBONE to waypoint pod {pod} at {addr} for {target}: {error}")]
+    WaypointHbone {
+        pod: String,
+        addr: SocketAddr,
+        target: SocketAddr,
+        error: HboneError,
+    },
     #[error("connecting to {dst}: {error}")]
     Connect {
         dst: SocketAddr,
@@ -43,12 +50,20 @@ impl OutboundError {
                 RefusalReason::no_healthy_endpoint
             }
             Self::Resolve(ResolveError::UnknownPort { .. }) => RefusalReason::unknown_service_port,
+            Self::Resolve(ResolveError::UnknownWaypoint(_)) => RefusalReason::unknown_waypoint,
+            Self::Resolve(ResolveError::NoHealthyWaypoint(_)) => RefusalReason::no_healthy_waypoint,
             Self::Cert(_) => RefusalReason::certificate_unavailable,
             Self::Hbone {
                 error: HboneError::Refused { .. },
                 ..
+            }
+            | Self::WaypointHbone {
+                error: HboneError::Refused { .. },
+                ..
             } => RefusalReason::tunnel_refused,
-            Self::Hbone { .. } | Self::Connect { .. } => RefusalReason::upstream_connect_failed,
+            Self::Hbone { .. } | Self::WaypointHbone { .. } | Self::Connect { .. } => {
+                RefusalReason::upstream_connect_failed
+            }
         }
     }
 }
@@ -121,31 +136,24 @@ async fn try_connect(
         .filter(|w| w.node == state.cfg.node_name)
         .cloned()
         .ok_or(OutboundError::UnknownSource(src))?;
-    let destination = snap.resolve(dst)?;
+    let destination = snap.resolve_from(Some(&source), dst)?;
     drop(snap);
     let src_peer = Peer {
         addr: Some(src),
         workload: Some(source.clone()),
         identity: Some(source.identity.to_string()),
     };
+    let mut through_waypoint = None;
     let (link, dst_peer, service, mtls) = match destination {
         Destination::Workload {
             workload,
             addr,
             service,
         } if workload.protocol == Protocol::Hbone => {
-            let key = PoolKey {
-                src: source.identity.clone(),
-                dst: vec![workload.identity.clone()],
-                addr: SocketAddr::new(addr.ip(), state.cfg.hbone_port),
-                src_ip: Some(src.ip()),
-            };
+            let hbone = SocketAddr::new(addr.ip(), state.cfg.hbone_port);
             let service_host = service.as_ref().map(|s| s.hostname.clone());
-            let request = connect_request(addr, src, service_host.as_deref());
             debug!(src = %source.identity, dst = %workload.identity, %addr, "opening HBONE stream");
-            let pooled = state
-                .pool
-                .connect(&key, request)
+            let pooled = open_hbone(state, &source, src, &workload, hbone, addr, &service_host)
                 .await
                 .map_err(|error| match error {
                     HboneError::Cert(c) => OutboundError::Cert(c),
@@ -155,6 +163,37 @@ async fn try_connect(
                 addr: Some(addr),
                 identity: Some(workload.identity.to_string()),
                 workload: Some(workload),
+            };
+            (Link::Hbone(pooled), peer, service_host, true)
+        }
+        // The waypoint pod is reached over HBONE on its own port whatever protocol it is
+        // listed with (waypoints are not captured), and proves the waypoint's identity; the
+        // CONNECT asks it for the original destination.
+        Destination::Waypoint {
+            waypoint,
+            addr,
+            target,
+            service,
+            workload: _,
+        } => {
+            let service_host = service.as_ref().map(|s| s.hostname.clone());
+            debug!(src = %source.identity, waypoint = %waypoint.identity, %addr, %target, "opening HBONE stream to the waypoint");
+            let pooled = open_hbone(state, &source, src, &waypoint, addr, target, &service_host)
+                .await
+                .map_err(|error| match error {
+                    HboneError::Cert(c) => OutboundError::Cert(c),
+                    error => OutboundError::WaypointHbone {
+                        pod: format!("{}/{}", waypoint.namespace, waypoint.name),
+                        addr,
+                        target,
+                        error,
+                    },
+                })?;
+            through_waypoint = Some(target);
+            let peer = Peer {
+                addr: Some(addr),
+                identity: Some(waypoint.identity.to_string()),
+                workload: Some(waypoint),
             };
             (Link::Hbone(pooled), peer, service_host, true)
         }
@@ -186,7 +225,7 @@ async fn try_connect(
             (Link::Plain(upstream), peer, None, false)
         }
     };
-    let record = ConnectionRecord::open(
+    let mut record = ConnectionRecord::open(
         &state.metrics,
         Reporter::source,
         Direction::outbound,
@@ -195,7 +234,31 @@ async fn try_connect(
         service,
         mtls,
     );
+    if let Some(target) = through_waypoint {
+        record = record.hbone_target(target);
+    }
     Ok(Upstream { link, record })
+}
+
+/// A CONNECT stream for `target` from the local workload `source` (at `src`), over a pooled
+/// HBONE connection to `addr`, whose server must prove it is `server`.
+async fn open_hbone(
+    state: &ProxyState,
+    source: &Workload,
+    src: SocketAddr,
+    server: &Workload,
+    addr: SocketAddr,
+    target: SocketAddr,
+    service_host: &Option<String>,
+) -> Result<PooledStream, HboneError> {
+    let key = PoolKey {
+        src: source.identity.clone(),
+        dst: vec![server.identity.clone()],
+        addr,
+        src_ip: Some(src.ip()),
+    };
+    let request = connect_request(target, src, service_host.as_deref());
+    state.pool.connect(&key, request).await
 }
 
 /// A plain connection on behalf of the local workload at `src` (from its own network

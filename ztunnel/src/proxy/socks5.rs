@@ -84,9 +84,9 @@ pub async fn serve(state: Arc<ProxyState>, mut client: TcpStream, peer: SocketAd
             let reply = match &e {
                 OutboundError::UnknownSource(_) | OutboundError::Loop(_) => Reply::NotAllowed,
                 OutboundError::Resolve(_) => Reply::HostUnreachable,
-                OutboundError::Hbone { .. } | OutboundError::Connect { .. } => {
-                    Reply::ConnectionRefused
-                }
+                OutboundError::Hbone { .. }
+                | OutboundError::WaypointHbone { .. }
+                | OutboundError::Connect { .. } => Reply::ConnectionRefused,
                 OutboundError::Cert(_) => Reply::GeneralFailure,
             };
             let _ = send_reply(&mut client, reply).await;
