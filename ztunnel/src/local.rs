@@ -16,7 +16,13 @@
 //!     addresses: [198.18.200.1]
 //!     ports: [{port: 80, targetPort: 8080}]
 //!     selector: {app: echo}
+//!     waypoint: {service: waypoint}   # optional: traffic to the VIP goes through it
 //! ```
+//!
+//! A `waypoint` (on a service, or on a workload for traffic to its own address) names a
+//! service of the file, in the object's namespace unless `namespace` says otherwise, or gives
+//! an `address` (a service VIP or a workload address); `hbonePort` defaults to 15008. The
+//! waypoint's own pods are workloads with `protocol: TCP`, as they are not captured.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -28,7 +34,10 @@ use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
 use serde::Deserialize;
 use tracing::{error, info};
 
-use crate::state::{Protocol, Service, ServicePort, Snapshot, Store, Workload};
+use crate::state::{
+    GatewayAddress, GatewayDestination, NamespacedHostname, Protocol, Service, ServicePort,
+    Snapshot, Store, Workload,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -63,6 +72,23 @@ struct WorkloadSpec {
     canonical_revision: Option<String>,
     #[serde(default = "default_true")]
     healthy: bool,
+    #[serde(default)]
+    waypoint: Option<WaypointSpec>,
+}
+
+/// A waypoint: a service of the file by name, or an address.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WaypointSpec {
+    #[serde(default)]
+    service: Option<String>,
+    /// The service's namespace; the referring object's by default.
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    address: Option<IpAddr>,
+    #[serde(default)]
+    hbone_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +103,8 @@ struct ServiceSpec {
     ports: Vec<PortSpec>,
     #[serde(default)]
     selector: BTreeMap<String, String>,
+    #[serde(default)]
+    waypoint: Option<WaypointSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +182,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
         )
     })?;
 
+    // Every service's hostname, so waypoints can name a service before it is checked.
+    let hostnames: HashMap<(&str, &str), String> = file
+        .services
+        .iter()
+        .map(|s| ((s.namespace.as_str(), s.name.as_str()), hostname_of(s)))
+        .collect();
+    let waypoint = |object: &str, ns: &str, spec: &Option<WaypointSpec>| {
+        spec.as_ref()
+            .map(|w| gateway(w, ns, &hostnames))
+            .transpose()
+            .map_err(|message| invalid(object.to_owned(), "waypoint", message))
+    };
+
     let mut workloads = Vec::with_capacity(file.workloads.len());
     let mut seen_uid = HashSet::new();
     let mut seen_ip: HashMap<IpAddr, String> = HashMap::new();
@@ -211,7 +252,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
                 .or_else(|| w.labels.get("version").cloned())
                 .unwrap_or_else(|| "latest".into()),
             healthy: w.healthy,
-            waypoint: None,
+            waypoint: waypoint(&object, &w.namespace, &w.waypoint)?,
             authorization_policies: Vec::new(),
             services: BTreeMap::new(),
         });
@@ -263,10 +304,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
                 target_port,
             });
         }
-        let hostname = s
-            .hostname
-            .clone()
-            .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", s.name, s.namespace));
+        let hostname = hostname_of(s);
         if !is_valid_hostname(&hostname) {
             return Err(invalid(
                 object,
@@ -303,10 +341,48 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
             addresses: s.addresses.clone(),
             ports,
             endpoints,
-            waypoint: None,
+            waypoint: waypoint(&object, &s.namespace, &s.waypoint)?,
         });
     }
     Ok(Snapshot::new(workloads, services))
+}
+
+fn hostname_of(s: &ServiceSpec) -> String {
+    s.hostname
+        .clone()
+        .unwrap_or_else(|| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+}
+
+/// A waypoint reference made concrete; `ns` is the referring object's namespace.
+fn gateway(
+    w: &WaypointSpec,
+    ns: &str,
+    hostnames: &HashMap<(&str, &str), String>,
+) -> Result<GatewayAddress, String> {
+    let destination = match (&w.service, w.address) {
+        (Some(name), None) => {
+            let namespace = w.namespace.as_deref().unwrap_or(ns);
+            let hostname = hostnames
+                .get(&(namespace, name.as_str()))
+                .ok_or_else(|| format!("there is no service {namespace}/{name} in this file"))?;
+            GatewayDestination::Hostname(NamespacedHostname {
+                namespace: namespace.to_owned(),
+                hostname: hostname.clone(),
+            })
+        }
+        (None, Some(ip)) if w.namespace.is_none() => GatewayDestination::Address(ip),
+        (None, Some(_)) => return Err("namespace goes with service, not address".into()),
+        _ => return Err("needs exactly one of service and address".into()),
+    };
+    let hbone_port = match w.hbone_port {
+        None => mesh_core::hbone::HBONE_PORT,
+        Some(0) => return Err("hbonePort 0 is not a valid port".into()),
+        Some(p) => p,
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_port,
+    })
 }
 
 fn is_valid_hostname(h: &str) -> bool {
@@ -470,6 +546,59 @@ services:
             "services:\n  - {name: s, addresses: [198.18.9.1], ports: [{port: 80}]}\n  - {name: t, hostname: s.default.svc.cluster.local, addresses: [198.18.9.2], ports: [{port: 80}]}\n",
         );
         assert!(e.contains("services[1] (default/t): field hostname: s.default.svc.cluster.local is already used by services[0]"), "{e}");
+    }
+
+    #[test]
+    fn waypoints_name_a_service_of_the_file_or_an_address() {
+        let yaml = r#"
+workloads:
+  - {name: waypoint, namespace: infra, serviceAccount: waypoint, node: a, protocol: TCP,
+     addresses: [198.18.0.9], labels: {gateway: waypoint}}
+  - {name: echo, node: b, addresses: [198.18.0.2], labels: {app: echo},
+     waypoint: {service: waypoint, namespace: infra, hbonePort: 15099}}
+  - {name: other, node: b, addresses: [198.18.0.3], waypoint: {address: 198.18.0.9}}
+services:
+  - {name: waypoint, namespace: infra, addresses: [198.18.201.1], ports: [{port: 15008}],
+     selector: {gateway: waypoint}}
+  - {name: echo, addresses: [198.18.200.1], ports: [{port: 80}], selector: {app: echo},
+     waypoint: {service: waypoint, namespace: infra}}
+"#;
+        let s = parse(p(), yaml).unwrap();
+        let by_host = |hbone_port| GatewayAddress {
+            destination: GatewayDestination::Hostname(NamespacedHostname {
+                namespace: "infra".into(),
+                hostname: "waypoint.infra.svc.cluster.local".into(),
+            }),
+            hbone_port,
+        };
+        let svc = s.service_by_host("echo.default.svc.cluster.local").unwrap();
+        assert_eq!(svc.waypoint, Some(by_host(15008)));
+        let echo = s.workload_by_ip("198.18.0.2".parse().unwrap()).unwrap();
+        assert_eq!(echo.waypoint, Some(by_host(15099)));
+        let other = s.workload_by_ip("198.18.0.3".parse().unwrap()).unwrap();
+        assert_eq!(
+            other.waypoint.as_ref().map(|g| &g.destination),
+            Some(&GatewayDestination::Address("198.18.0.9".parse().unwrap()))
+        );
+
+        let e = err(
+            "services:\n  - {name: s, addresses: [198.18.9.1], ports: [{port: 80}], waypoint: {service: wp}}\n",
+        );
+        assert!(
+            e.contains("services[0] (default/s): field waypoint: there is no service default/wp in this file"),
+            "{e}"
+        );
+        let e = err("workloads:\n  - {name: x, node: a, addresses: [198.18.0.1], waypoint: {}}\n");
+        assert!(
+            e.contains(
+                "workloads[0] (default/x): field waypoint: needs exactly one of service and address"
+            ),
+            "{e}"
+        );
+        let e = err(
+            "workloads:\n  - {name: x, node: a, addresses: [198.18.0.1], waypoint: {address: 198.18.0.9, hbonePort: 0}}\n",
+        );
+        assert!(e.contains("hbonePort 0 is not a valid port"), "{e}");
     }
 
     #[test]
