@@ -97,7 +97,7 @@ fn on_change_hook(
         let snap = store.snapshot();
         let closed = authorized.recheck(&snap);
         if closed > 0 {
-            info!(closed, "closed connections the new policies deny");
+            info!(closed, "closed connections the new config denies");
         }
         // Only mesh (HBONE) workloads use certificates.
         let wanted: std::collections::HashSet<_> = snap

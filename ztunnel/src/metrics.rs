@@ -69,6 +69,8 @@ pub enum RefusalReason {
     unknown_waypoint,
     /// The destination's waypoint has no ready pod.
     no_healthy_waypoint,
+    /// The destination workload has a waypoint and the connection did not come from it.
+    waypoint_bypassed,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -273,7 +275,8 @@ pub struct ConnectionRecord {
     /// their "sent" is server → client.
     tunnel_is_client: bool,
     error: Option<String>,
-    /// `namespace/name` of the authorization policy that denied the connection.
+    /// `namespace/name` of the authorization policy that denied the connection, or
+    /// `waypoint namespace/name` when the waypoint rule did.
     policy: Option<String>,
     /// The CONNECT authority, when it is not the destination itself (through a waypoint).
     hbone_target: Option<SocketAddr>,
@@ -366,7 +369,8 @@ impl ConnectionRecord {
         self.error = Some(error.to_string());
     }
 
-    /// Records that `policy` (`namespace/name`) denied the connection, for `reason`.
+    /// Records that `policy` (`namespace/name`, or `waypoint namespace/name` for the waypoint
+    /// rule) denied the connection, for `reason`.
     pub fn deny(&mut self, policy: &str, reason: &str) {
         self.policy = Some(policy.to_owned());
         self.fail(reason);

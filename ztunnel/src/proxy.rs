@@ -121,8 +121,9 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// Runs an inbound connection's copy until it ends, or until a policy change denies the
-/// connection: then the copy is dropped (closing both sides) and the record says why.
+/// Runs an inbound connection's copy until it ends, or until a config change (a policy, or the
+/// destination's waypoint) denies the connection: then the copy is dropped (closing both
+/// sides) and the record says why.
 pub(crate) async fn copy_while_allowed<E: std::fmt::Display>(
     copy: impl std::future::Future<Output = Result<(), E>>,
     mut registration: crate::rbac::revoke::Registration,
@@ -135,7 +136,7 @@ pub(crate) async fn copy_while_allowed<E: std::fmt::Display>(
             }
         }
         Ok(why) = &mut registration.revoked => {
-            record.deny(&why.policy, &format!("closed after a policy change: {}", why.reason));
+            record.deny(&why.policy, &format!("closed after a config change: {}", why.reason));
         }
     }
 }

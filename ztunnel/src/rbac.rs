@@ -6,6 +6,9 @@
 //! of W's namespace and the WORKLOAD_SELECTOR ones W lists in `authorization_policies`. Any
 //! matching DENY denies; with no ALLOW policy the connection is allowed; otherwise some ALLOW
 //! must match. Dry-run policies are evaluated and logged but never change the verdict.
+//!
+//! Before the policies, a workload with a waypoint takes connections only from that waypoint
+//! ([`waypoint`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -100,6 +103,16 @@ pub fn evaluate(snapshot: &Snapshot, dst: &Workload, conn: &Connection) -> Verdi
     Verdict::Deny {
         reason: format!("no ALLOW policy matched ({policy})"),
         policy,
+    }
+}
+
+/// The whole decision on a connection to `dst`: the waypoint rule ([`waypoint::check`]), then
+/// the policies ([`evaluate`]). What an open connection is evaluated against again after a
+/// config change.
+pub fn authorize(snapshot: &Snapshot, dst: &Workload, conn: &Connection) -> Verdict {
+    match waypoint::check(snapshot, dst, conn) {
+        Verdict::Allow => evaluate(snapshot, dst, conn),
+        deny => deny,
     }
 }
 
@@ -214,3 +227,4 @@ fn contains(block: &IpBlock, ip: IpAddr) -> bool {
 pub mod revoke;
 #[cfg(test)]
 mod tests;
+pub mod waypoint;

@@ -43,7 +43,8 @@ struct ConnectionView<'a> {
     age_ms: u64,
 }
 
-/// A connection refused by an authorization policy.
+/// A connection refused by an authorization policy, or by the waypoint rule (then `policy` is
+/// `waypoint namespace/name`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Denial {

@@ -304,7 +304,14 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
         dst_ip: target.ip(),
         dst_port: target.port(),
     };
-    let verdict = rbac::evaluate(&snap, &dst, &decided_on);
+    // The waypoint rule first: a workload with a waypoint is reached through it or not at all.
+    let (verdict, refusal) = match rbac::waypoint::check(&snap, &dst, &decided_on) {
+        Verdict::Allow => (
+            rbac::evaluate(&snap, &dst, &decided_on),
+            RefusalReason::policy_denied,
+        ),
+        deny => (deny, RefusalReason::waypoint_bypassed),
+    };
     let dst_uid = dst.uid.clone();
     drop(snap);
     let src = Peer {
@@ -332,12 +339,7 @@ async fn handle_stream(state: Arc<ProxyState>, connect: Connect) {
     if let Verdict::Deny { policy, reason } = verdict {
         let mut record = open_record(src, dst, service);
         record.deny(&policy, &reason);
-        return refuse(
-            connect,
-            StatusCode::UNAUTHORIZED,
-            RefusalReason::policy_denied,
-            reason,
-        );
+        return refuse(connect, StatusCode::UNAUTHORIZED, refusal, reason);
     }
 
     // Made in the workload's own namespace under in-pod capture.

@@ -36,7 +36,15 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
         dst_ip: dst.ip(),
         dst_port: dst.port(),
     };
-    let verdict = rbac::evaluate(&snap, &dst_workload, &decided_on);
+    // A workload with a waypoint takes nothing but HBONE from that waypoint, so plaintext to
+    // it is refused before any policy is looked at.
+    let (verdict, refusal) = match rbac::waypoint::check(&snap, &dst_workload, &decided_on) {
+        Verdict::Allow => (
+            rbac::evaluate(&snap, &dst_workload, &decided_on),
+            RefusalReason::policy_denied,
+        ),
+        deny => (deny, RefusalReason::waypoint_bypassed),
+    };
     let dst_uid = dst_workload.uid.clone();
     drop(snap);
     let src = Peer {
@@ -61,10 +69,8 @@ pub async fn serve(state: Arc<ProxyState>, client: TcpStream, peer: SocketAddr) 
         )
     };
     if let Verdict::Deny { policy, reason } = verdict {
-        state
-            .metrics
-            .refused(Direction::inbound, RefusalReason::policy_denied);
-        warn!(%peer, %dst, %policy, component = "inbound_plaintext", "connection denied by policy");
+        state.metrics.refused(Direction::inbound, refusal);
+        warn!(%peer, %dst, %policy, %reason, component = "inbound_plaintext", "connection denied");
         let mut record = open_record(src, dst_peer);
         record.deny(&policy, &reason);
         drop(record);

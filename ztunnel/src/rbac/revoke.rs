@@ -1,6 +1,6 @@
-//! Connections a changed policy no longer allows are closed: every allowed inbound connection
-//! is registered with what its verdict was decided on, and after each config change all of
-//! them are evaluated again. Registration costs one sharded map insert per connection; the
+//! Connections a changed policy (or waypoint) no longer allows are closed: every allowed
+//! inbound connection is registered with what its verdict was decided on, and after each
+//! config change all of them are evaluated again (the waypoint rule, then the policies). Registration costs one sharded map insert per connection; the
 //! re-check runs off the data path, once per change.
 
 use std::collections::HashMap;
@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tracing::info;
 
-use super::{Connection, Verdict, evaluate};
+use super::{Connection, Verdict, authorize};
 use crate::state::Snapshot;
 
 const SHARDS: usize = 16;
 
-/// Why a connection was closed: the policy now denying it and the reason.
+/// Why a connection was closed: the policy (or `waypoint namespace/name`) now denying it and
+/// the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revoked {
     pub policy: String,
@@ -40,7 +41,7 @@ pub struct Authorized {
 pub struct Registration {
     owner: Arc<Authorized>,
     id: u64,
-    /// Resolves when a policy change denies the connection.
+    /// Resolves when a config change denies the connection.
     pub revoked: oneshot::Receiver<Revoked>,
 }
 
@@ -87,7 +88,7 @@ impl Authorized {
                 .iter()
                 .filter_map(|(id, e)| {
                     let verdict = match snapshot.workload_by_uid(&e.dst) {
-                        Some(w) => evaluate(snapshot, w, &e.conn),
+                        Some(w) => authorize(snapshot, w, &e.conn),
                         None => return None,
                     };
                     match verdict {
@@ -98,7 +99,7 @@ impl Authorized {
                 .collect();
             for (id, why) in denied {
                 if let Some(e) = map.remove(&id) {
-                    info!(src = %e.conn.src_ip, dst = %e.conn.dst_ip, port = e.conn.dst_port, policy = %why.policy, "closing a connection the changed policy denies");
+                    info!(src = %e.conn.src_ip, dst = %e.conn.dst_ip, port = e.conn.dst_port, policy = %why.policy, "closing a connection the changed config denies");
                     let _ = e.tx.send(why);
                     closed += 1;
                 }
