@@ -24,7 +24,7 @@ use mesh_core::certs::CertManager;
 use mesh_core::hbone::{Connect, StreamIo};
 use tokio::io::AsyncReadExt;
 use tracing::{debug, info, warn};
-use ztunnel::state::Workload;
+use ztunnel::state::{AppProtocol, Workload};
 
 use crate::authz::{self, Attributes, Verdict};
 use crate::config::Config as Flags;
@@ -213,7 +213,16 @@ impl Proxy {
             }
         };
         let mut io = StreamIo::new(stream);
-        let detected = detect(&mut io, self.flags.detect_timeout).await;
+        // A port declared TCP or TLS is opaque: no waiting for a client that may never speak
+        // first. Otherwise the first bytes decide.
+        let declared = match &target {
+            Target::Service(s) => s.app_protocol(dst.port()),
+            Target::Workload(_) => AppProtocol::Unknown,
+        };
+        let detected = match declared {
+            AppProtocol::Tcp | AppProtocol::Tls => Detected::Tcp,
+            _ => detect(&mut io, self.flags.detect_timeout).await,
+        };
         let ctx = Arc::new(StreamCtx { target, dst, peer });
         match detected {
             Detected::Tcp => self.forward_tcp(io, &ctx, &config).await,

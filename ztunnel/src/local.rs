@@ -300,6 +300,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, LocalConfigError> {
                 ));
             }
             ports.push(ServicePort {
+                app_protocol: crate::state::AppProtocol::Unknown,
                 port: p.port,
                 target_port,
             });

@@ -65,6 +65,28 @@ pub struct ServicePort {
     pub port: u16,
     /// 0 when the service names its target port: then each endpoint says which port it is.
     pub target_port: u16,
+    /// What the port speaks, when the Service says (`appProtocol` or the port name).
+    #[serde(skip_serializing_if = "AppProtocol::is_unknown")]
+    pub app_protocol: AppProtocol,
+}
+
+/// A service port's declared protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    #[default]
+    Unknown,
+    Http1,
+    Http2,
+    Grpc,
+    Tcp,
+    Tls,
+}
+
+impl AppProtocol {
+    pub fn is_unknown(&self) -> bool {
+        *self == AppProtocol::Unknown
+    }
 }
 
 /// A waypoint (or other HBONE gateway) and the port it takes HBONE on.
@@ -115,6 +137,14 @@ impl Service {
                 p.target_port
             }
         })
+    }
+
+    /// What `port` is declared to speak.
+    pub fn app_protocol(&self, port: u16) -> AppProtocol {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map_or(AppProtocol::Unknown, |p| p.app_protocol)
     }
 
     /// How workloads and xDS name this service: `namespace/hostname`.
@@ -443,6 +473,7 @@ mod tests {
                 hostname: "echo.default.svc.cluster.local".into(),
                 addresses: vec!["198.18.200.1".parse().unwrap()],
                 ports: vec![ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 80,
                     target_port: 8080,
                 }],
@@ -503,10 +534,12 @@ mod tests {
             key.into(),
             vec![
                 ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 80,
                     target_port: 9090,
                 },
                 ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 81,
                     target_port: 0,
                 },
@@ -519,14 +552,17 @@ mod tests {
             addresses: vec!["198.18.200.1".parse().unwrap()],
             ports: vec![
                 ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 80,
                     target_port: 8080,
                 },
                 ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 81,
                     target_port: 8081,
                 },
                 ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 82,
                     target_port: 0,
                 },

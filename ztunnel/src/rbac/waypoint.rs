@@ -91,6 +91,7 @@ mod tests {
                 hostname: "waypoint.shop.svc.cluster.local".into(),
                 addresses: vec!["198.18.201.1".parse().unwrap()],
                 ports: vec![ServicePort {
+                    app_protocol: crate::state::AppProtocol::Unknown,
                     port: 15008,
                     target_port: 15008,
                 }],

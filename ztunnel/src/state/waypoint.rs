@@ -168,6 +168,7 @@ mod tests {
             hostname: format!("{name}.shop.svc.cluster.local"),
             addresses: vec![vip.parse().unwrap()],
             ports: vec![ServicePort {
+                app_protocol: crate::state::AppProtocol::Unknown,
                 port,
                 target_port: target,
             }],

@@ -14,8 +14,8 @@ use crate::state::policy::{
     Clause, IpBlock, Match, PolicyAction, PolicyScope, Rule, ServiceAccountMatch, StringMatch,
 };
 use crate::state::{
-    Authorization, GatewayAddress, GatewayDestination, NamespacedHostname, Protocol, Service,
-    ServicePort, Workload,
+    AppProtocol, Authorization, GatewayAddress, GatewayDestination, NamespacedHostname, Protocol,
+    Service, ServicePort, Workload,
 };
 
 /// Why a resource cannot be used.
@@ -315,9 +315,18 @@ fn service_port(p: &xwl::Port, field: &str) -> Result<ServicePort, ConvertError>
             format!("{} is not a port", p.target_port),
         )
     })?;
+    let app_protocol = match xwl::AppProtocol::try_from(p.app_protocol) {
+        Ok(xwl::AppProtocol::Http11) => AppProtocol::Http1,
+        Ok(xwl::AppProtocol::Http2) => AppProtocol::Http2,
+        Ok(xwl::AppProtocol::Grpc) => AppProtocol::Grpc,
+        Ok(xwl::AppProtocol::Tcp) => AppProtocol::Tcp,
+        Ok(xwl::AppProtocol::Tls) => AppProtocol::Tls,
+        _ => AppProtocol::Unknown,
+    };
     Ok(ServicePort {
         port: service,
         target_port: target,
+        app_protocol,
     })
 }
 

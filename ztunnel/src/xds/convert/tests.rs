@@ -192,6 +192,7 @@ fn a_service_converts() {
     assert_eq!(
         got.ports,
         vec![ServicePort {
+            app_protocol: crate::state::AppProtocol::Unknown,
             port: 80,
             target_port: 0
         }]
