@@ -33,11 +33,15 @@ USAGE:
   meshbench connrate   --target ADDR [--concurrency C] [--max-errors N | --expect denied]
                        [COMMON]
   meshbench rate       --target ADDR [--rps R] [--size B] [--connections K] [COMMON]
+  meshbench http-rate  --target ADDR [--rps R] [--connections K] [--host H] [--path P] [COMMON]
   meshbench gen-mesh   --dir DIR [--pods N] [--services N] [--policies N] [--nodes N] [--namespaces N]
   meshbench xds-scale  --xds URL --dir DIR --expect-addresses N --expect-authorizations N
                        [--subscribers N] [--changes N]
   meshbench gen-policy-mesh --dir DIR --client-ip IP --server-ip IP [--port P] [--policies N]
                        [--applying K] [--pods N] [--services N] [--namespaces N] [--nodes N]
+
+http-rate is rate with HTTP/1.1 GETs on keep-alive connections (Host H, default the target),
+for any HTTP server; a response other than 2xx fails the run.
 
 gen-mesh writes a mesh as Kubernetes YAML (defaults 10000 pods, 2000 services, 500 policies,
 50 nodes, 50 namespaces) and prints the resource counts to expect. xds-scale connects delta
@@ -341,7 +345,24 @@ fn run(args: &[String]) -> Result<()> {
             let rps = f.bounded("rps", 1000, 1, 10_000_000)?;
             let size = f.bounded("size", 1024, 1, MAX_REQUEST as u64)? as usize;
             let conns = f.bounded("connections", 10, 1, MAX_PARALLEL as u64)? as usize;
-            rt()?.block_on(rate(&c, rps, size, conns))?
+            rt()?.block_on(rate(&c, rps, conns, Exchange::Raw(size)))?
+        }
+        "http-rate" => {
+            let (f, c) = client_flags(&["rps", "connections", "host", "path"])?;
+            let rps = f.bounded("rps", 1000, 1, 10_000_000)?;
+            let conns = f.bounded("connections", 10, 1, MAX_PARALLEL as u64)? as usize;
+            let host: String = f.opt("host")?.unwrap_or_else(|| c.ep.target.to_string());
+            let path: String = f.opt("path")?.unwrap_or_else(|| "/".to_owned());
+            ensure!(
+                path.starts_with('/') && !path.contains(char::is_whitespace),
+                "`http-rate`: --path must start with '/' and have no spaces"
+            );
+            ensure!(
+                !host.contains(char::is_whitespace),
+                "`http-rate`: --host must have no spaces"
+            );
+            let req = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+            rt()?.block_on(rate(&c, rps, conns, Exchange::Http(req.into_bytes())))?
         }
         "gen-mesh" => {
             let f = Flags::parse(
@@ -676,15 +697,17 @@ fn socks5_reply_name(code: u8) -> &'static str {
 }
 
 /// Connects `n` connections in parallel and sends `mode` on each.
-async fn open_all(ep: &Endpoint, n: usize, mode: u8) -> Result<Vec<TcpStream>> {
+async fn open_all(ep: &Endpoint, n: usize, mode: Option<u8>) -> Result<Vec<TcpStream>> {
     let mut set = JoinSet::new();
     for i in 0..n {
         let ep = *ep;
         set.spawn(async move {
             let mut s = connect(&ep).await?;
-            s.write_all(&[mode])
-                .await
-                .context("sending the mode byte")?;
+            if let Some(mode) = mode {
+                s.write_all(&[mode])
+                    .await
+                    .context("sending the mode byte")?;
+            }
             Ok::<_, anyhow::Error>((i, s))
         });
     }
@@ -766,7 +789,7 @@ fn merge(mut a: Value, mut b: Value) -> Value {
 // Client modes
 
 async fn throughput(c: &Common, streams: usize) -> Result<Value> {
-    let conns = open_all(&c.ep, streams, b'S').await?;
+    let conns = open_all(&c.ep, streams, Some(b'S')).await?;
     eprintln!(
         "meshbench: {streams} stream(s) open, sending for {}s",
         c.seconds
@@ -805,7 +828,7 @@ async fn throughput(c: &Common, streams: usize) -> Result<Value> {
 }
 
 async fn latency(c: &Common, size: usize) -> Result<Value> {
-    let mut s = open_all(&c.ep, 1, b'R')
+    let mut s = open_all(&c.ep, 1, Some(b'R'))
         .await?
         .pop()
         .context("no connection")?;
@@ -931,7 +954,74 @@ async fn connrate(c: &Common, concurrency: usize, expect: Expect) -> Result<Valu
     Ok(c.report("connrate", elapsed, merge(fields, percentiles(&samples))))
 }
 
-async fn rate(c: &Common, rps: u64, size: usize, conns: usize) -> Result<Value> {
+/// One request and its response in `rate` and `http-rate`.
+#[derive(Clone)]
+enum Exchange {
+    /// `R` mode: a length-prefixed request of this size, answered by as many bytes.
+    Raw(usize),
+    /// This HTTP/1.1 request, answered by a response with a Content-Length.
+    Http(Vec<u8>),
+}
+
+/// Largest HTTP response head read.
+const MAX_HTTP_HEAD: usize = 16 * 1024;
+
+impl Exchange {
+    async fn run(&self, s: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> std::io::Result<()> {
+        match self {
+            Exchange::Raw(_) => round_trip(s, req, buf).await,
+            Exchange::Http(_) => http_round_trip(s, req, buf).await,
+        }
+    }
+}
+
+/// Sends `req` and reads one whole response (head, then Content-Length bytes); a status other
+/// than 2xx is an error.
+async fn http_round_trip(s: &mut TcpStream, req: &[u8], buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    s.write_all(req).await?;
+    buf.clear();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_HTTP_HEAD {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                "response head too large",
+            ));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if !status.starts_with('2') {
+        return Err(Error::other(format!("HTTP status {status}")));
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::new(ErrorKind::InvalidData, "response without content-length"))?;
+    let mut have = buf.len() - head_end;
+    while have < len {
+        let mut chunk = [0u8; 4096];
+        let want = (len - have).min(chunk.len());
+        let n = s.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+    }
+    Ok(())
+}
+
+async fn rate(c: &Common, rps: u64, conns: usize, exchange: Exchange) -> Result<Value> {
     // Each connection sends every `period`; connections are staggered evenly within it.
     let period_ns = (conns as f64 * 1e9 / rps as f64).round() as u64;
     ensure!(
@@ -940,7 +1030,10 @@ async fn rate(c: &Common, rps: u64, size: usize, conns: usize) -> Result<Value> 
     );
     let period = Duration::from_nanos(period_ns);
     let per_conn_cap = MAX_SAMPLES / conns;
-    let streams = open_all(&c.ep, conns, b'R').await?;
+    let streams = match exchange {
+        Exchange::Raw(_) => open_all(&c.ep, conns, Some(b'R')).await?,
+        Exchange::Http(_) => open_all(&c.ep, conns, None).await?,
+    };
     eprintln!(
         "meshbench: {conns} connection(s) open, {rps} req/s for {}s",
         c.seconds
@@ -955,9 +1048,12 @@ async fn rate(c: &Common, rps: u64, size: usize, conns: usize) -> Result<Value> 
         let ticks = (deadline.saturating_duration_since(first).as_nanos())
             .div_ceil(u128::from(period_ns)) as usize;
         let cap = ticks.min(per_conn_cap);
+        let exchange = exchange.clone();
         set.spawn(async move {
-            let req = request(size);
-            let mut resp = vec![0u8; size];
+            let (req, mut resp) = match &exchange {
+                Exchange::Raw(size) => (request(*size), vec![0u8; *size]),
+                Exchange::Http(req) => (req.clone(), Vec::with_capacity(MAX_HTTP_HEAD)),
+            };
             let mut lat: Vec<u64> = Vec::with_capacity(cap);
             let mut done = 0u64;
             let mut iv = tokio::time::interval_at(first, period);
@@ -968,7 +1064,7 @@ async fn rate(c: &Common, rps: u64, size: usize, conns: usize) -> Result<Value> 
                 for _ in 0..ticks {
                     iv.tick().await;
                     let t0 = Instant::now();
-                    round_trip(&mut s, &req, &mut resp).await?;
+                    exchange.run(&mut s, &req, &mut resp).await?;
                     if lat.len() < cap {
                         lat.push(t0.elapsed().as_nanos() as u64);
                     }
@@ -991,10 +1087,14 @@ async fn rate(c: &Common, rps: u64, size: usize, conns: usize) -> Result<Value> 
     samples.sort_unstable();
     let fields = json!({
         "rps_target": rps,
-        "size": size,
+        "size": match exchange { Exchange::Raw(size) => json!(size), Exchange::Http(_) => Value::Null },
         "connections": conns,
         "requests": done,
         "rps": round(done as f64 / elapsed.as_secs_f64(), 1),
     });
-    Ok(c.report("rate", elapsed, merge(fields, percentiles(&samples))))
+    let mode = match exchange {
+        Exchange::Raw(_) => "rate",
+        Exchange::Http(_) => "http-rate",
+    };
+    Ok(c.report(mode, elapsed, merge(fields, percentiles(&samples))))
 }
