@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    init_tracing();
+    ztunnel::init_tracing();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,19 +29,4 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     wp.shutdown().await;
     Ok(())
-}
-
-fn init_tracing() {
-    use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
 }

@@ -45,3 +45,20 @@ fn raise_nofile() -> std::io::Result<u64> {
     }
     Ok(lim.rlim_cur)
 }
+
+/// Logs to stderr at `RUST_LOG` (default info), as JSON when `LOG_FORMAT=json`; colours only
+/// for a terminal, so a log file holds plain text. For the proxies' `main`.
+pub fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -10,7 +10,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    init_tracing();
+    ztunnel::init_tracing();
     match ztunnel::raise_fd_limit() {
         Ok(n) => info!(limit = n, "open file limit"),
         Err(e) => warn!(error = %e, "could not raise the open file limit"),
@@ -38,20 +38,4 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     zt.shutdown().await;
     Ok(())
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
-    // Colours only for a terminal: a log file should hold plain text.
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
 }
