@@ -10,5 +10,6 @@ pub mod netns;
 pub mod status;
 pub mod testbed;
 pub mod up;
+pub mod waypoints;
 pub mod zconfig;
 pub mod zconfig_live;

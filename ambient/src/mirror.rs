@@ -1,7 +1,9 @@
 //! The copy of the user's YAML directory that istiod-lite reads in the testbed: identical,
 //! except that a pod with no `status.podIP` gets the address the testbed allocated for it, as
 //! a kubelet would report it. Files without such pods are copied byte for byte, so errors
-//! istiod-lite reports point at the same document numbers.
+//! istiod-lite reports point at the same document numbers. One more file,
+//! [`GENERATED_FILE`], holds the objects the testbed makes itself (the waypoints' pods,
+//! Services and ServiceAccounts).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,17 +13,31 @@ use anyhow::Context;
 use serde_yaml::Value;
 use tracing::warn;
 
+/// The file in the copy with the objects the testbed makes; a file of this name in the user's
+/// directory is not copied.
+pub const GENERATED_FILE: &str = "ambient-generated.yaml";
+
 /// Brings `dst` in line with `src`: every config file copied (pods given their allocated
-/// address), files gone from `src` removed. `allocated` is by (namespace, name).
+/// address), files gone from `src` removed, and `generated` (YAML; empty for none) written
+/// to [`GENERATED_FILE`]. `allocated` is by (namespace, name).
 pub fn sync(
     src: &Path,
     dst: &Path,
     allocated: &BTreeMap<(String, String), IpAddr>,
+    generated: &str,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
     let mut wanted = Vec::new();
+    if !generated.is_empty() {
+        wanted.push(PathBuf::from(GENERATED_FILE));
+        write_if_changed(&dst.join(GENERATED_FILE), generated)?;
+    }
     for file in config_files(src)? {
         let rel = file.strip_prefix(src).unwrap_or(&file).to_owned();
+        if rel == Path::new(GENERATED_FILE) {
+            warn!(file = %file.display(), "this name is reserved for the objects the testbed makes; the file is not read, rename it");
+            continue;
+        }
         let out = dst.join(&rel);
         wanted.push(rel);
         let text = match std::fs::read_to_string(&file) {
@@ -37,15 +53,7 @@ pub fn sync(
             // istiod-lite reports the parse error itself, from the copy.
             Err(_) => text,
         };
-        if std::fs::read_to_string(&out).ok().as_deref() == Some(text.as_str()) {
-            continue;
-        }
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = out.with_extension("tmp~");
-        std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+        write_if_changed(&out, &text)?;
     }
     for old in config_files(dst)? {
         let rel = old.strip_prefix(dst).unwrap_or(&old);
@@ -54,6 +62,19 @@ pub fn sync(
         }
     }
     Ok(())
+}
+
+/// Replaces `out` whole (a reader never sees half a file), unless it already holds `text`.
+fn write_if_changed(out: &Path, text: &str) -> anyhow::Result<()> {
+    if std::fs::read_to_string(out).ok().as_deref() == Some(text) {
+        return Ok(());
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = out.with_extension("tmp~");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))
 }
 
 /// Config files below `dir` (as istiod-lite reads them: YAML and JSON, no hidden names).
@@ -144,5 +165,44 @@ mod tests {
         let out = with_addresses(missing, &alloc).unwrap().unwrap();
         assert!(out.contains("podIP: 198.18.1.100"), "{out}");
         assert!(out.contains("kind: Namespace"), "{out}");
+    }
+
+    /// A fresh directory under the system's temporary directory.
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "ambient-mirror-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn generated_objects_get_a_file_of_their_own() {
+        let (src, dst) = (scratch("src"), scratch("dst"));
+        std::fs::write(src.join("a.yaml"), "kind: Namespace\nmetadata: {name: a}\n").unwrap();
+        // A file of the reserved name in the user's directory is not copied over ours.
+        std::fs::write(
+            src.join(GENERATED_FILE),
+            "kind: Namespace\nmetadata: {name: x}\n",
+        )
+        .unwrap();
+        let none = BTreeMap::new();
+        sync(&src, &dst, &none, "kind: ServiceAccount\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dst.join(GENERATED_FILE)).unwrap(),
+            "kind: ServiceAccount\n"
+        );
+        assert!(dst.join("a.yaml").exists());
+
+        // Nothing generated any more: the file goes, as do files gone from the source.
+        std::fs::remove_file(src.join("a.yaml")).unwrap();
+        sync(&src, &dst, &none, "").unwrap();
+        assert!(!dst.join(GENERATED_FILE).exists());
+        assert!(!dst.join("a.yaml").exists());
+        let _ = std::fs::remove_dir_all(&src);
+        let _ = std::fs::remove_dir_all(&dst);
     }
 }

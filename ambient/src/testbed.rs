@@ -1,7 +1,7 @@
 //! The testbed: nodes and pods of a YAML directory as Linux network namespaces.
 //!
 //! ```text
-//!   amb-fabric: bridge br0, 198.19.0.254 (istiod-lite)
+//!   amb-fabric: bridge br0, 198.19.0.254 (istiod-lite), a /32 route per pod via its node
 //!      │ veth per node
 //!   amb-n-<node>: eth0 198.19.0.<i>, forwarding, a /32 route per pod (local: its veth;
 //!      │ veth per pod                              remote: via that pod's node)
@@ -9,8 +9,9 @@
 //! ```
 //! Pod-to-pod traffic between nodes crosses the node's `eth0` and the bridge: the link a
 //! capture looks at. Only 198.18.0.0/15 is used (pods 198.18.0.0/16, nodes 198.19.0.0/24).
+//! A waypoint Gateway adds a pod like any other, which runs the waypoint (see [`waypoints`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context, bail};
@@ -19,12 +20,13 @@ use istiod_lite::store::State;
 use serde::{Deserialize, Serialize};
 
 use crate::netns;
+use crate::waypoints::{self, WaypointPlan};
 
 pub const FABRIC: &str = "amb-fabric";
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 254);
 /// The address every pod's default route points at: each pod's veth on its node answers it.
 const GATEWAY: &str = "169.254.1.1";
-const CLUSTER_ID: &str = "Kubernetes";
+pub(crate) const CLUSTER_ID: &str = "Kubernetes";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
@@ -48,6 +50,10 @@ pub struct PodPlan {
     /// The pod's veth as its node sees it.
     pub veth: String,
     pub app: AppPlan,
+    /// The pod runs the waypoint of this Gateway (in its namespace) instead of an app; it
+    /// is never captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<String>,
 }
 
 /// What runs in the pod: the echo server on the ports its containers declare (a port named
@@ -65,12 +71,15 @@ impl AppPlan {
     }
 }
 
-/// Service hostnames by VIP, for each pod's /etc/hosts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub nodes: Vec<NodePlan>,
+    /// The YAML's pods and the waypoints' pods.
     pub pods: Vec<PodPlan>,
+    /// Service hostnames by VIP, for each pod's /etc/hosts.
     pub hosts: Vec<(IpAddr, String)>,
+    #[serde(default)]
+    pub waypoints: Vec<WaypointPlan>,
 }
 
 fn testbed_range(ip: IpAddr) -> bool {
@@ -84,14 +93,18 @@ fn testbed_range(ip: IpAddr) -> bool {
 }
 
 impl Plan {
-    /// The testbed for the pods in `state`. Every pod needs `spec.nodeName`; its
-    /// `status.podIP`, if given, must be in 198.18.0.0/16, else one is allocated. Problems are
-    /// all reported at once.
+    /// The testbed for the pods in `state`, and a pod for each waypoint Gateway (see
+    /// [`waypoints`]). Every pod needs `spec.nodeName`; its `status.podIP`, if given, must be
+    /// in 198.18.0.0/16, else one is allocated. Problems are all reported at once.
     pub fn from_state(state: &State) -> anyhow::Result<Self> {
         let mut problems = Vec::new();
         let mut nodes: BTreeMap<String, ()> = BTreeMap::new();
         let mut pods = Vec::new();
         let mut seen_ips: BTreeMap<IpAddr, String> = BTreeMap::new();
+        let declared = waypoints::declared(state, &mut problems);
+        for node in declared.iter().filter_map(|d| d.node.clone()) {
+            nodes.insert(node, ());
+        }
         for obj in state.of_kind(Kind::Pod) {
             let Object::Pod(pod) = obj.as_ref() else {
                 continue;
@@ -148,20 +161,11 @@ impl Plan {
                 netns: format!("amb-p-{ns}.{name}"),
                 veth: String::new(),
                 app,
+                waypoint: None,
             });
-        }
-        if !problems.is_empty() {
-            bail!(
-                "the YAML cannot be laid out as a testbed:\n  {}",
-                problems.join("\n  ")
-            );
         }
         if nodes.len() > 250 {
             bail!("{} nodes; the testbed supports at most 250", nodes.len());
-        }
-        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        for (i, p) in pods.iter_mut().enumerate() {
-            p.veth = format!("ap{i}");
         }
         let nodes: Vec<NodePlan> = nodes
             .into_keys()
@@ -172,8 +176,30 @@ impl Plan {
                 name,
             })
             .collect();
-        // Addresses for pods that gave none: 198.18.<node>.100 upwards, skipping taken ones.
-        for pod in pods.iter_mut().filter(|p| p.allocated) {
+        let taken: BTreeSet<(String, String)> = state
+            .of_kind(Kind::Pod)
+            .map(|o| (o.metadata().namespace.clone(), o.metadata().name.clone()))
+            .collect();
+        let waypoint_pods = waypoints::pods(&declared, &nodes, &taken, &mut problems);
+        if !problems.is_empty() {
+            bail!(
+                "the YAML cannot be laid out as a testbed:\n  {}",
+                problems.join("\n  ")
+            );
+        }
+        pods.extend(waypoint_pods);
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for (i, p) in pods.iter_mut().enumerate() {
+            p.veth = format!("ap{i}");
+        }
+        // Addresses for pods that gave none: 198.18.<node>.100 upwards, skipping taken ones;
+        // the YAML's pods first, so a waypoint added later moves none of them.
+        let order: Vec<usize> = (0..pods.len())
+            .filter(|&i| pods[i].allocated && pods[i].waypoint.is_none())
+            .chain((0..pods.len()).filter(|&i| pods[i].waypoint.is_some()))
+            .collect();
+        for i in order {
+            let pod = &mut pods[i];
             let n = nodes.iter().position(|n| n.name == pod.node).unwrap_or(0) as u8 + 1;
             let free = (100..=250u8)
                 .map(|h| IpAddr::V4(Ipv4Addr::new(198, 18, n, h)))
@@ -188,24 +214,39 @@ impl Plan {
             pod.ip = ip;
         }
         let mut hosts = Vec::new();
+        let mut taken_ips: BTreeSet<IpAddr> = seen_ips.into_keys().collect();
         for obj in state.of_kind(Kind::Service) {
             let Object::Service(svc) = obj.as_ref() else {
                 continue;
             };
             let (ns, name) = (&svc.metadata.namespace, &svc.metadata.name);
             for vip in svc.cluster_ips() {
-                hosts.push((
-                    vip,
-                    format!("{name}.{ns}.svc.cluster.local {name}.{ns}.svc {name}.{ns}"),
-                ));
+                taken_ips.insert(vip);
+                hosts.push((vip, host_names(ns, name)));
             }
         }
+        let waypoints = waypoints::plans(&declared, &pods, &mut taken_ips)?;
+        for w in &waypoints {
+            hosts.push((w.service_ip, host_names(&w.namespace, &w.name)));
+        }
         hosts.sort();
-        Ok(Self { nodes, pods, hosts })
+        Ok(Self {
+            nodes,
+            pods,
+            hosts,
+            waypoints,
+        })
     }
 
     pub fn node(&self, name: &str) -> Option<&NodePlan> {
         self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The pod that runs waypoint `w`.
+    pub fn waypoint_pod(&self, w: &WaypointPlan) -> Option<&PodPlan> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == w.namespace && p.name == w.pod)
     }
 
     /// A pod by `namespace/name`, or by `name` alone when only one pod has it.
@@ -321,6 +362,17 @@ pub fn create(plan: &Plan) -> anyhow::Result<()> {
             &node.netns,
             &["route", "add", &format!("{ip}/32"), "dev", &pod.veth],
         )?;
+        // The control plane answers pods that talk to it (a waypoint does) through their node.
+        netns::ip(
+            FABRIC,
+            &[
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "via",
+                &node.ip.to_string(),
+            ],
+        )?;
         for other in plan.nodes.iter().filter(|n| n.name != pod.node) {
             netns::ip(
                 &other.netns,
@@ -336,6 +388,11 @@ pub fn create(plan: &Plan) -> anyhow::Result<()> {
         write_hosts(plan, pod)?;
     }
     Ok(())
+}
+
+/// The names a Service's address answers to in /etc/hosts.
+fn host_names(ns: &str, name: &str) -> String {
+    format!("{name}.{ns}.svc.cluster.local {name}.{ns}.svc {name}.{ns}")
 }
 
 /// `/etc/netns/<ns>/hosts`: `ip netns exec` shows it as the pod's /etc/hosts, so service
@@ -400,7 +457,7 @@ impl Plan {
     pub fn allocated(&self) -> std::collections::BTreeMap<(String, String), IpAddr> {
         self.pods
             .iter()
-            .filter(|p| p.allocated)
+            .filter(|p| p.allocated && p.waypoint.is_none())
             .map(|p| ((p.namespace.clone(), p.name.clone()), p.ip))
             .collect()
     }

@@ -2,16 +2,20 @@
 //!
 //! One supervising process owns everything: it builds the testbed, starts istiod-lite (in
 //! the fabric namespace, TLS on 198.19.0.254:15012), one ztunnel per node (in the node's
-//! namespace, in-pod capture), a node agent per node (threads of the supervisor), and the
-//! pods' apps once their capture is in place. It restarts a process that dies (as a
-//! DaemonSet would), follows label changes in the YAML (enrolment and release of running
-//! pods), and on Ctrl-C/SIGTERM takes it all apart. Its state file lets `status`, `exec`,
+//! namespace, in-pod capture), a node agent per node (threads of the supervisor), each
+//! waypoint in its own pod, and the pods' apps once their capture is in place. It restarts a
+//! process that dies (as a DaemonSet or Deployment would, backing off while it keeps dying),
+//! follows label changes in the YAML (enrolment and release of running pods), tells
+//! istiod-lite whether each waypoint pod is ready (as a kubelet's readiness probe would), and
+//! on Ctrl-C/SIGTERM takes it all apart. Its state file lets `status`, `exec`,
 //! `ztunnel-config` and `down` find the mesh.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -25,6 +29,7 @@ use tracing::{info, warn};
 use crate::agent::{AgentStatus, NodeAgent};
 use crate::netns;
 use crate::testbed::{self, CONTROL_PLANE_IP, FABRIC, Plan};
+use crate::waypoints::{self, WaypointPlan};
 
 /// Where the running mesh keeps its state file, logs and certificates.
 pub fn state_dir() -> PathBuf {
@@ -37,6 +42,14 @@ pub const SOCKET_MARK: u32 = 0x539;
 pub const ISTIOD_DEBUG: &str = "198.19.0.254:15014";
 pub const ZTUNNEL_ADMIN: &str = "127.0.0.1:15000";
 pub const ZTUNNEL_READY: &str = "127.0.0.1:15021";
+/// A waypoint's admin endpoint, inside its pod.
+pub const WAYPOINT_ADMIN: &str = "127.0.0.1:15000";
+/// How long `up` waits for a waypoint to be ready before going on without it.
+const WAYPOINT_READY_LIMIT: Duration = Duration::from_secs(30);
+/// A process that ran this long before it exited is restarted without delay.
+const STABLE_RUN: Duration = Duration::from_secs(10);
+/// The longest wait before restarting a process that keeps exiting.
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
 /// What `status` and friends read.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -46,7 +59,8 @@ pub struct MeshState {
     pub supervisor: u32,
     pub ready: bool,
     pub plan: Plan,
-    /// Running processes by role (`istiod-lite`, `ztunnel/<node>`, `app/<ns>/<pod>`).
+    /// Running processes by role (`istiod-lite`, `ztunnel/<node>`, `waypoint/<ns>/<gw>`,
+    /// `app/<ns>/<pod>`).
     pub processes: BTreeMap<String, u32>,
     /// Per node, what its agent has done.
     pub agents: BTreeMap<String, AgentStatusView>,
@@ -158,12 +172,26 @@ struct Supervisor {
     children: BTreeMap<String, Spawned>,
     agents: BTreeMap<String, NodeAgent>,
     state: MeshState,
+    /// Each waypoint's readiness as istiod-lite was last told it (by [`WaypointPlan::key`]).
+    waypoint_ready: BTreeMap<String, bool>,
+    probe: Option<ReadinessProbe>,
 }
 
 struct Spawned {
     child: Child,
     spec: Spec,
     started: Instant,
+    /// When it was seen to have exited, and how.
+    exited: Option<(Instant, ExitStatus)>,
+    /// Exits in a row, each soon after its start; they lengthen the wait before a restart.
+    quick_exits: u32,
+}
+
+/// Asks each waypoint's `/healthz/ready` about once a second on a thread of its own, as a
+/// kubelet's readiness probe would; the supervisor reads the answers.
+struct ReadinessProbe {
+    results: Arc<Mutex<BTreeMap<String, Result<(), String>>>>,
+    stop: Arc<AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -229,9 +257,14 @@ pub fn up(dir: &Path) -> anyhow::Result<()> {
     }
     let plan = Plan::from_state(&store.state())?;
     step(format!(
-        "testbed: {} nodes, {} pods",
+        "testbed: {} nodes, {} pods{}",
         plan.nodes.len(),
-        plan.pods.len()
+        plan.pods.len(),
+        match plan.waypoints.len() {
+            0 => String::new(),
+            1 => " (one of them a waypoint)".to_owned(),
+            n => format!(" ({n} of them waypoints)"),
+        }
     ));
     let removed = testbed::destroy()?;
     if removed > 0 {
@@ -251,6 +284,8 @@ pub fn up(dir: &Path) -> anyhow::Result<()> {
             plan: plan.clone(),
             ..Default::default()
         },
+        waypoint_ready: BTreeMap::new(),
+        probe: None,
     };
     sup.state.save()?;
     let result = rt.block_on(sup.run(store));
@@ -286,6 +321,10 @@ impl Supervisor {
         }
         let opts = MeshOptions::default();
         self.apply_enrolment(&enrolment(&store.state(), &opts));
+        // Waypoints need their node's token, which starting its ztunnel wrote.
+        for w in self.plan.waypoints.clone() {
+            self.start_waypoint(&w)?;
+        }
         for node in &nodes {
             self.wait(
                 &node.netns,
@@ -303,6 +342,8 @@ impl Supervisor {
             }
         }
         self.wait_apps(Duration::from_secs(20));
+        self.wait_waypoints(WAYPOINT_READY_LIMIT);
+        self.probe = Some(ReadinessProbe::start(&self.plan));
         self.state.ready = true;
         self.refresh_state();
         self.summary();
@@ -324,23 +365,45 @@ impl Supervisor {
                     }
                     let state = store.state();
                     match Plan::from_state(&state) {
-                        Ok(p) if p.pods.iter().map(|p| (&p.uid, &p.ip, &p.node)).ne(self.plan.pods.iter().map(|p| (&p.uid, &p.ip, &p.node))) => {
-                            warn!("pods were added, removed or moved in the YAML; the testbed keeps its pods until `ambient down` and `ambient up` again");
-                        }
+                        Ok(p) => self.report_layout_changes(&p),
                         Err(e) => warn!(error = %format!("{e:#}"), "the YAML no longer lays out as a testbed; keeping the current one"),
-                        _ => {}
                     }
                     self.sync_mirror();
                     self.apply_enrolment(&enrolment(&state, &opts));
                 }
                 _ = tick.tick() => {
                     self.restart_exited();
+                    self.follow_waypoint_readiness();
                     self.refresh_state();
                 }
             }
         }
         follow.abort();
         Ok(())
+    }
+
+    /// Pods and waypoints are laid out once: changes to them wait for the next `up`.
+    fn report_layout_changes(&self, new: &Plan) {
+        let pods = |plan: &Plan| -> Vec<(String, std::net::IpAddr, String)> {
+            plan.pods
+                .iter()
+                .filter(|p| p.waypoint.is_none())
+                .map(|p| (p.uid.clone(), p.ip, p.node.clone()))
+                .collect()
+        };
+        if pods(new) != pods(&self.plan) {
+            warn!(
+                "pods were added, removed or moved in the YAML; the testbed keeps its pods until `ambient down` and `ambient up` again"
+            );
+        }
+        let gateways =
+            |plan: &Plan| -> Vec<String> { plan.waypoints.iter().map(WaypointPlan::key).collect() };
+        if gateways(new) != gateways(&self.plan) {
+            warn!(
+                running = %gateways(&self.plan).join(", "),
+                "waypoint Gateways were added or removed in the YAML; the testbed keeps the waypoints it runs until `ambient down` and `ambient up` again"
+            );
+        }
     }
 
     fn apply_enrolment(&self, enrolled: &BTreeMap<(String, String), bool>) {
@@ -350,6 +413,8 @@ impl Supervisor {
                 .pods
                 .iter()
                 .filter(|p| &p.node == node)
+                // A waypoint speaks HBONE itself: its pod is never redirected.
+                .filter(|p| p.waypoint.is_none())
                 .filter(|p| enrolled.get(&(p.namespace.clone(), p.name.clone())) == Some(&true))
                 .cloned()
                 .collect();
@@ -422,15 +487,33 @@ impl Supervisor {
         self.state_dir.join("config")
     }
 
+    /// The objects the testbed makes for istiod-lite: the waypoints' pods, Services and
+    /// ServiceAccounts, each pod ready as last probed.
+    fn generated(&self) -> String {
+        waypoints::manifests(&self.plan, |w| {
+            self.waypoint_ready.get(&w.key()).copied().unwrap_or(false)
+        })
+    }
+
     fn sync_mirror(&self) {
-        if let Err(e) = crate::mirror::sync(&self.dir, &self.mirror_dir(), &self.plan.allocated()) {
+        if let Err(e) = crate::mirror::sync(
+            &self.dir,
+            &self.mirror_dir(),
+            &self.plan.allocated(),
+            &self.generated(),
+        ) {
             warn!(error = %format!("{e:#}"), "cannot copy the YAML for istiod-lite; it keeps the last copy");
         }
     }
 
     fn start_istiod(&mut self) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(self.mirror_dir());
-        crate::mirror::sync(&self.dir, &self.mirror_dir(), &self.plan.allocated())?;
+        crate::mirror::sync(
+            &self.dir,
+            &self.mirror_dir(),
+            &self.plan.allocated(),
+            &self.generated(),
+        )?;
         let bin = binary("istiod-lite")?;
         let istiod_state = self.state_dir.join("istiod");
         let spec = Spec {
@@ -499,6 +582,130 @@ impl Supervisor {
         self.spawn(&format!("ztunnel/{node}"), spec)
     }
 
+    /// The waypoint of `w` in its pod, with the credentials of its node's ztunnel: they let
+    /// it obtain the certificate of an identity of a pod on that node, its own.
+    fn start_waypoint(&mut self, w: &WaypointPlan) -> anyhow::Result<()> {
+        let pod = self
+            .plan
+            .waypoint_pod(w)
+            .with_context(|| format!("waypoint {} has no pod", w.key()))?
+            .clone();
+        let istiod_state = self.state_dir.join("istiod");
+        let token = self.state_dir.join(format!("{}.token", pod.node));
+        let spec = Spec {
+            netns: pod.netns.clone(),
+            program: binary("waypoint")?,
+            args: vec![
+                "--name".into(),
+                w.name.clone(),
+                "--namespace".into(),
+                w.namespace.clone(),
+                "--node".into(),
+                pod.node.clone(),
+                "--service-account".into(),
+                w.name.clone(),
+                "--xds-address".into(),
+                format!("https://{CONTROL_PLANE_IP}:15012"),
+                "--xds-root-cert".into(),
+                istiod_state.join("ca/root-cert.pem").display().to_string(),
+                "--token-file".into(),
+                token.display().to_string(),
+                "--hbone".into(),
+                format!("0.0.0.0:{}", waypoints::MESH_PORT),
+                "--admin".into(),
+                WAYPOINT_ADMIN.into(),
+                "--readiness".into(),
+                format!("0.0.0.0:{}", waypoints::STATUS_PORT),
+                "--metrics".into(),
+                format!("0.0.0.0:{}", waypoints::METRICS_PORT),
+            ],
+            env: vec![],
+            log: self.state_dir.join("logs").join(w.log_name()),
+        };
+        self.spawn(&w.role(), spec)
+    }
+
+    /// Waits until every waypoint answers ready, up to `limit`, restarting one that exits;
+    /// then tells istiod-lite which are. One that is not ready by then is named with its log,
+    /// and the mesh comes up without it: the services that use it fail until it is ready.
+    fn wait_waypoints(&mut self, limit: Duration) {
+        if self.plan.waypoints.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + limit;
+        let mut waiting: BTreeMap<String, String> = self
+            .plan
+            .waypoints
+            .iter()
+            .map(|w| (w.key(), "not asked yet".to_owned()))
+            .collect();
+        loop {
+            for w in &self.plan.waypoints {
+                if !waiting.contains_key(&w.key()) {
+                    continue;
+                }
+                let Some(pod) = self.plan.waypoint_pod(w) else {
+                    continue;
+                };
+                match probe_ready(&pod.netns, &waypoint_ready_addr(pod)) {
+                    Ok(()) => {
+                        waiting.remove(&w.key());
+                        self.waypoint_ready.insert(w.key(), true);
+                        step(format!("waypoint {} ready ({})", w.key(), pod.ip));
+                    }
+                    Err(e) => {
+                        waiting.insert(w.key(), e);
+                    }
+                }
+            }
+            if waiting.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            self.restart_exited();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (key, last) in &waiting {
+            let Some(w) = self.plan.waypoints.iter().find(|w| &w.key() == key) else {
+                continue;
+            };
+            let exited = self
+                .children
+                .get(&w.role())
+                .and_then(|s| s.exited)
+                .map(|(_, status)| format!("; it exited ({status})"))
+                .unwrap_or_default();
+            step(format!(
+                "waypoint {key} not ready after {}s ({last}{exited}); services that use it fail until it is; see {}",
+                limit.as_secs(),
+                self.state_dir.join("logs").join(w.log_name()).display()
+            ));
+        }
+        self.sync_mirror();
+    }
+
+    /// Tells istiod-lite (through the pod's `Ready` condition in the copy it reads) when a
+    /// waypoint becomes ready or stops being ready.
+    fn follow_waypoint_readiness(&mut self) {
+        let Some(probe) = &self.probe else {
+            return;
+        };
+        let mut changed = false;
+        for (key, result) in probe.results() {
+            let ready = result.is_ok();
+            if self.waypoint_ready.get(&key) != Some(&ready) {
+                match &result {
+                    Ok(()) => step(format!("waypoint {key} is ready")),
+                    Err(e) => step(format!("waypoint {key} is not ready: {e}")),
+                }
+                self.waypoint_ready.insert(key, ready);
+                changed = true;
+            }
+        }
+        if changed {
+            self.sync_mirror();
+        }
+    }
+
     fn start_app(&mut self, pod: &testbed::PodPlan) -> anyhow::Result<()> {
         let mut args = vec!["echo-server".to_owned()];
         for (flag, ports) in [
@@ -536,22 +743,36 @@ impl Supervisor {
                 child,
                 spec,
                 started: Instant::now(),
+                exited: None,
+                quick_exits: 0,
             },
         );
         Ok(())
     }
 
-    /// A process that died is started again, at most once a second, as Kubernetes would.
+    /// A process that died is started again, as Kubernetes would: at once if it had run a
+    /// while, else after a wait that doubles with each quick exit (see [`restart_delay`]).
     fn restart_exited(&mut self) {
         let roles: Vec<String> = self.children.keys().cloned().collect();
         for role in roles {
             let Some(s) = self.children.get_mut(&role) else {
                 continue;
             };
-            let Ok(Some(status)) = s.child.try_wait() else {
+            if s.exited.is_none() {
+                let Ok(Some(status)) = s.child.try_wait() else {
+                    continue;
+                };
+                s.quick_exits = if s.started.elapsed() >= STABLE_RUN {
+                    0
+                } else {
+                    s.quick_exits + 1
+                };
+                s.exited = Some((Instant::now(), status));
+            }
+            let Some((at, status)) = s.exited else {
                 continue;
             };
-            if s.started.elapsed() < Duration::from_secs(1) {
+            if at.elapsed() < restart_delay(s.quick_exits) {
                 continue;
             }
             step(format!(
@@ -559,6 +780,7 @@ impl Supervisor {
                 s.spec.log.display()
             ));
             let spec = s.spec.clone();
+            let quick_exits = s.quick_exits;
             match spec.spawn() {
                 Ok(child) => {
                     self.state.processes.insert(role.clone(), child.id());
@@ -568,10 +790,17 @@ impl Supervisor {
                             child,
                             spec,
                             started: Instant::now(),
+                            exited: None,
+                            quick_exits,
                         },
                     );
                 }
-                Err(e) => step(format!("cannot restart {role}: {e:#}")),
+                Err(e) => {
+                    step(format!("cannot restart {role}: {e:#}"));
+                    // Try again after the next delay, not on every tick.
+                    s.quick_exits += 1;
+                    s.exited = Some((Instant::now(), status));
+                }
             }
         }
     }
@@ -622,6 +851,24 @@ impl Supervisor {
             self.plan.pods.len(),
             self.dir.display()
         );
+        for w in &self.plan.waypoints {
+            if let Some(pod) = self.plan.waypoint_pod(w) {
+                eprintln!(
+                    "Waypoint {}: pod {} on {} at {}, Service {} at {}{}.",
+                    w.key(),
+                    pod.name,
+                    pod.node,
+                    pod.ip,
+                    w.name,
+                    w.service_ip,
+                    if self.waypoint_ready.get(&w.key()) == Some(&true) {
+                        ""
+                    } else {
+                        " (NOT READY yet)"
+                    }
+                );
+            }
+        }
         eprintln!("Where to look next:");
         eprintln!(
             "  ambient status                          enrolled namespaces, pods, ztunnels, certificates, problems"
@@ -635,10 +882,20 @@ impl Supervisor {
             .values()
             .flat_map(|a| a.status().captured)
             .collect();
-        let mut clients: Vec<_> = self.plan.pods.iter().filter(|p| p.app.is_empty()).collect();
+        let mut clients: Vec<_> = self
+            .plan
+            .pods
+            .iter()
+            .filter(|p| p.app.is_empty() && p.waypoint.is_none())
+            .collect();
         clients.sort_by_key(|p| !captured.contains(&p.uid));
+        let app_service = self
+            .plan
+            .hosts
+            .iter()
+            .find(|(ip, _)| !self.plan.waypoints.iter().any(|w| w.service_ip == *ip));
         if let Some(client) = clients.first()
-            && let Some((_, names)) = self.plan.hosts.first()
+            && let Some((_, names)) = app_service
         {
             let host = names.split_whitespace().next().unwrap_or_default();
             eprintln!(
@@ -655,14 +912,19 @@ impl Supervisor {
     }
 
     fn teardown(&mut self) {
-        // Apps first, then the proxies, then the control plane.
+        if let Some(probe) = self.probe.take() {
+            probe.stop();
+        }
+        // Apps first, then the proxies (waypoints before ztunnels), then the control plane.
         let order = |role: &str| {
             if role.starts_with("app/") {
                 0
-            } else if role.starts_with("ztunnel/") {
+            } else if role.starts_with("waypoint/") {
                 1
-            } else {
+            } else if role.starts_with("ztunnel/") {
                 2
+            } else {
+                3
             }
         };
         let mut roles: Vec<String> = self.children.keys().cloned().collect();
@@ -676,6 +938,80 @@ impl Supervisor {
             step(format!("cleanup: {e:#}"));
         }
         let _ = std::fs::remove_file(MeshState::path());
+    }
+}
+
+impl ReadinessProbe {
+    fn start(plan: &Plan) -> Self {
+        let targets: Vec<(String, String, String)> = plan
+            .waypoints
+            .iter()
+            .filter_map(|w| {
+                let pod = plan.waypoint_pod(w)?;
+                Some((w.key(), pod.netns.clone(), waypoint_ready_addr(pod)))
+            })
+            .collect();
+        let results = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        if !targets.is_empty() {
+            let (results, stop) = (results.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for (key, netns, addr) in &targets {
+                        let r = probe_ready(netns, addr);
+                        results
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key.clone(), r);
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            });
+        }
+        Self { results, stop }
+    }
+
+    fn results(&self) -> BTreeMap<String, Result<(), String>> {
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReadinessProbe {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where a waypoint answers `/healthz/ready`: its pod's address, port 15021.
+pub fn waypoint_ready_addr(pod: &testbed::PodPlan) -> String {
+    std::net::SocketAddr::new(pod.ip, waypoints::STATUS_PORT).to_string()
+}
+
+/// `GET /healthz/ready` at `addr` inside `netns`: `Ok` on 200, else what came back.
+pub fn probe_ready(netns: &str, addr: &str) -> Result<(), String> {
+    match netns::http_get(netns, addr, "/healthz/ready") {
+        Ok((200, _)) => Ok(()),
+        Ok((code, body)) => Err(format!("HTTP {code}: {}", body.trim())),
+        Err(e) => Err(format!("not answering ({})", e.root_cause())),
+    }
+}
+
+/// How long to wait before restarting a process that exited soon after its start, for the
+/// `quick_exits`-th time in a row: 1 s, doubling up to [`MAX_RESTART_DELAY`]; none after
+/// a process that had run a while.
+fn restart_delay(quick_exits: u32) -> Duration {
+    match quick_exits {
+        0 => Duration::ZERO,
+        n => Duration::from_secs(1)
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(MAX_RESTART_DELAY),
     }
 }
 
@@ -774,4 +1110,19 @@ pub fn down() -> anyhow::Result<()> {
         (_, n) => eprintln!("ambient: mesh stopped; removed {n} leftover network namespaces"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_while_a_process_keeps_exiting() {
+        let secs = |n| restart_delay(n).as_secs();
+        assert_eq!(
+            (0..8).map(secs).collect::<Vec<_>>(),
+            [0, 1, 2, 4, 8, 16, 30, 30]
+        );
+        assert_eq!(restart_delay(u32::MAX), MAX_RESTART_DELAY);
+    }
 }
