@@ -1,6 +1,6 @@
 //! `ambient status`: what the mesh looks like now, gathered from the state file, istiod-lite's
-//! debug endpoint and every ztunnel's `/config_dump`, then rendered by a pure function so the
-//! output is checked against golden files.
+//! debug endpoints and every ztunnel's and waypoint's `/config_dump`, then rendered by a pure
+//! function so the output is checked against golden files.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::netns;
-use crate::up::{ISTIOD_DEBUG, MeshState, ZTUNNEL_ADMIN, ZTUNNEL_READY};
+use crate::up::{
+    ISTIOD_DEBUG, MeshState, WAYPOINT_ADMIN, ZTUNNEL_ADMIN, ZTUNNEL_READY, probe_ready,
+    waypoint_ready_addr,
+};
 use crate::zconfig::table;
 
 /// Everything `status` shows, as fetched.
@@ -21,14 +24,22 @@ pub struct Inputs {
     /// istiod-lite's `/debug/connections`, or why it could not be read.
     pub istiod: Result<Value, String>,
     /// Per node: readiness (`Ok` or the reason) and `/config_dump`.
-    pub ztunnels: BTreeMap<String, ZtunnelView>,
+    pub ztunnels: BTreeMap<String, ProxyView>,
+    /// Per waypoint (`namespace/name`): the same.
+    #[serde(default)]
+    pub waypoints: BTreeMap<String, ProxyView>,
+    /// istiod-lite's `/debug/status` (Gateway conditions), asked only when there are
+    /// waypoints.
+    #[serde(default)]
+    pub gateway_status: Option<Result<Value, String>>,
     /// Seconds since the Unix epoch, for certificate validity.
     pub now: u64,
 }
 
+/// What a proxy (a ztunnel or a waypoint) says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ZtunnelView {
+pub struct ProxyView {
     pub ready: Result<(), String>,
     pub dump: Result<Value, String>,
 }
@@ -37,11 +48,10 @@ pub struct ZtunnelView {
 pub fn gather() -> anyhow::Result<Inputs> {
     let state = MeshState::load()?;
     let namespaces = namespace_labels(&state)?;
-    let istiod = netns::http_get(crate::testbed::FABRIC, ISTIOD_DEBUG, "/debug/connections")
-        .map_err(|e| format!("{e:#}"))
-        .and_then(|(code, body)| match code {
-            200 => serde_json::from_str(&body).map_err(|e| format!("bad JSON: {e}")),
-            c => Err(format!("HTTP {c}")),
+    let istiod =
+        get_json(crate::testbed::FABRIC, ISTIOD_DEBUG, "/debug/connections").map_err(|e| match e {
+            Fetch::NotAnswering(e) => format!("{e:#}"),
+            other => other.to_string(),
         });
     let mut ztunnels = BTreeMap::new();
     for node in &state.plan.nodes {
@@ -56,13 +66,27 @@ pub fn gather() -> anyhow::Result<Inputs> {
                 200 => serde_json::from_str(&body).map_err(|e| format!("bad JSON: {e}")),
                 c => Err(format!("HTTP {c}")),
             });
-        ztunnels.insert(node.name.clone(), ZtunnelView { ready, dump });
+        ztunnels.insert(node.name.clone(), ProxyView { ready, dump });
     }
+    let mut waypoints = BTreeMap::new();
+    for w in &state.plan.waypoints {
+        let Some(pod) = state.plan.waypoint_pod(w) else {
+            continue;
+        };
+        let ready = probe_ready(&pod.netns, &waypoint_ready_addr(pod));
+        let dump = get_json(&pod.netns, WAYPOINT_ADMIN, "/config_dump").map_err(|e| e.to_string());
+        waypoints.insert(w.key(), ProxyView { ready, dump });
+    }
+    let gateway_status = (!waypoints.is_empty()).then(|| {
+        get_json(crate::testbed::FABRIC, ISTIOD_DEBUG, "/debug/status").map_err(|e| e.to_string())
+    });
     Ok(Inputs {
         state,
         namespaces,
         istiod,
         ztunnels,
+        waypoints,
+        gateway_status,
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -72,6 +96,26 @@ pub fn gather() -> anyhow::Result<Inputs> {
 
 fn root_cause(e: &anyhow::Error) -> String {
     e.root_cause().to_string()
+}
+
+/// Why a JSON endpoint gave nothing to show.
+#[derive(Debug, thiserror::Error)]
+enum Fetch {
+    #[error("not answering ({})", root_cause(.0))]
+    NotAnswering(anyhow::Error),
+    #[error("HTTP {0}")]
+    Status(u16),
+    #[error("bad JSON: {0}")]
+    BadJson(serde_json::Error),
+}
+
+/// `GET path` at `addr` inside `netns`, as JSON.
+fn get_json(netns: &str, addr: &str, path: &str) -> Result<Value, Fetch> {
+    match netns::http_get(netns, addr, path) {
+        Ok((200, body)) => serde_json::from_str(&body).map_err(Fetch::BadJson),
+        Ok((code, _)) => Err(Fetch::Status(code)),
+        Err(e) => Err(Fetch::NotAnswering(e)),
+    }
 }
 
 /// Enrolment of each namespace with pods, read from the YAML as it is now.
@@ -115,6 +159,10 @@ pub fn render(inp: &Inputs) -> String {
     ));
 
     // Control plane.
+    let all_proxies: Vec<Value> = match &inp.istiod {
+        Ok(v) => v["proxies"].as_array().cloned().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     let proxies: BTreeMap<String, Value> = match &inp.istiod {
         Ok(v) => {
             let list = v["proxies"].as_array().cloned().unwrap_or_default();
@@ -123,7 +171,9 @@ pub fn render(inp: &Inputs) -> String {
                 v["version"],
                 list.len()
             ));
+            // Waypoints report their node too; this map is the ztunnels'.
             list.into_iter()
+                .filter(|p| proxy_kind(p) == Some("ztunnel"))
                 .map(|p| (p["nodeName"].as_str().unwrap_or_default().to_owned(), p))
                 .collect()
         }
@@ -311,6 +361,11 @@ pub fn render(inp: &Inputs) -> String {
         rows,
     ));
     out.push('\n');
+
+    if !st.plan.waypoints.is_empty() {
+        out.push_str(&render_waypoints(inp, &all_proxies, &mut problems));
+        out.push('\n');
+    }
     if problems.is_empty() {
         out.push_str("No problems found.\n");
     } else {
@@ -320,6 +375,163 @@ pub fn render(inp: &Inputs) -> String {
         }
     }
     out
+}
+
+/// The waypoints: where each runs, whether it is ready and follows istiod-lite, whether its
+/// Gateway is Programmed, and the services and pods whose traffic it carries.
+fn render_waypoints(inp: &Inputs, proxies: &[Value], problems: &mut Vec<String>) -> String {
+    let st = &inp.state;
+    // Who uses which waypoint, as the ztunnels were told.
+    let dumps: Vec<&Value> = inp
+        .ztunnels
+        .values()
+        .filter_map(|z| z.dump.as_ref().ok())
+        .collect();
+    let mut rows = Vec::new();
+    for w in &st.plan.waypoints {
+        let key = w.key();
+        let pod = st.plan.waypoint_pod(w);
+        let view = inp.waypoints.get(&key);
+        let ready = match view.map(|v| &v.ready) {
+            Some(Ok(())) => "yes".to_owned(),
+            Some(Err(e)) => {
+                problems.push(format!(
+                    "waypoint {key} is not ready: {e}. Requests to the services that use it fail until it is; see logs/{}.",
+                    w.log_name()
+                ));
+                "NO".to_owned()
+            }
+            None => "?".to_owned(),
+        };
+        let xds = match view.map(|v| &v.dump) {
+            Some(Ok(d)) => {
+                let connected = d["xds"]["connected"].as_bool().unwrap_or(false);
+                if !connected {
+                    problems.push(format!(
+                        "waypoint {key} is not connected to istiod-lite ({}); it serves its last config.",
+                        d["xds"]["lastError"].as_str().unwrap_or("no reason given")
+                    ));
+                }
+                if connected {
+                    "connected"
+                } else {
+                    "DISCONNECTED"
+                }
+                .to_owned()
+            }
+            _ => "?".to_owned(),
+        };
+        let me = format!("{}.{}", w.name, w.namespace);
+        let sync = match proxies
+            .iter()
+            .find(|p| proxy_kind(p) == Some("router") && proxy_name(p) == Some(me.as_str()))
+        {
+            Some(p) => sync_state(p),
+            None => "unknown".into(),
+        };
+        if sync.starts_with("NACK") {
+            problems.push(format!(
+                "waypoint {key} rejected config: {sync}. Fix the named resource; the last good config stays in force."
+            ));
+        }
+        let programmed = match &inp.gateway_status {
+            Some(Ok(v)) => match gateway_condition(v, w, "Programmed") {
+                Some(c) if c["status"] == "True" => "yes".to_owned(),
+                Some(c) => {
+                    problems.push(format!(
+                        "Gateway {key} is not Programmed ({}: {}).",
+                        c["reason"].as_str().unwrap_or("?"),
+                        c["message"].as_str().unwrap_or("")
+                    ));
+                    "NO".to_owned()
+                }
+                None => "?".to_owned(),
+            },
+            _ => "?".to_owned(),
+        };
+        let bound_here = |v: &Value| {
+            v.get("waypoint")
+                .filter(|v| !v.is_null())
+                .map(waypoint_name)
+                .is_some_and(|n| n == w.hostname() || n == w.service_ip.to_string())
+        };
+        let mut users = std::collections::BTreeSet::new();
+        for d in &dumps {
+            for svc in d["services"].as_array().into_iter().flatten() {
+                if bound_here(svc) {
+                    users.insert(format!(
+                        "{}/{}",
+                        svc["namespace"].as_str().unwrap_or("?"),
+                        svc["name"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+            for wl in d["workloads"].as_array().into_iter().flatten() {
+                if bound_here(wl) {
+                    users.insert(format!(
+                        "pod {}/{}",
+                        wl["namespace"].as_str().unwrap_or("?"),
+                        wl["name"].as_str().unwrap_or("?")
+                    ));
+                }
+            }
+        }
+        rows.push(vec![
+            key,
+            pod.map(|p| p.node.clone()).unwrap_or_else(|| "?".into()),
+            pod.map(|p| p.ip.to_string()).unwrap_or_else(|| "?".into()),
+            w.service_ip.to_string(),
+            ready,
+            xds,
+            sync,
+            programmed,
+            if users.is_empty() {
+                "-".to_owned()
+            } else {
+                users.into_iter().collect::<Vec<_>>().join(", ")
+            },
+        ]);
+    }
+    table(
+        &[
+            "WAYPOINT",
+            "NODE",
+            "ADDRESS",
+            "SERVICE",
+            "READY",
+            "ISTIOD",
+            "CONFIG",
+            "PROGRAMMED",
+            "USED BY",
+        ],
+        rows,
+    )
+}
+
+/// The condition `type_` of `w`'s Gateway in istiod-lite's `/debug/status`.
+fn gateway_condition<'a>(
+    status: &'a Value,
+    w: &crate::waypoints::WaypointPlan,
+    type_: &str,
+) -> Option<&'a Value> {
+    status["status"]
+        .as_array()?
+        .iter()
+        .find(|s| s["kind"] == "Gateway" && s["namespace"] == w.namespace && s["name"] == w.name)?
+        ["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// The kind a proxy gave in its node id (`ztunnel~…`, `router~…` for a waypoint).
+fn proxy_kind(proxy: &Value) -> Option<&str> {
+    proxy["nodeId"].as_str()?.split('~').next()
+}
+
+/// The `name.namespace` part of a proxy's node id.
+fn proxy_name(proxy: &Value) -> Option<&str> {
+    proxy["nodeId"].as_str()?.split('~').nth(2)
 }
 
 fn waypoint_name(w: &Value) -> String {
@@ -368,4 +580,151 @@ fn cert_counts(dump: &Value, now: u64) -> (usize, usize) {
         })
         .count();
     (valid, certs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::testbed::Plan;
+
+    fn plan() -> Plan {
+        let yaml = "
+kind: Gateway
+apiVersion: gateway.networking.k8s.io/v1
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+kind: Pod
+apiVersion: v1
+metadata: {name: web, namespace: shop}
+spec: {nodeName: node-a}
+status: {podIP: 198.18.1.20}
+";
+        let objects = serde_yaml::Deserializer::from_str(yaml)
+            .map(|de| istiod_lite::model::Object::parse(Value::deserialize(de).unwrap()).unwrap());
+        Plan::from_state(&istiod_lite::store::State::from_objects(objects)).unwrap()
+    }
+
+    fn proxy(node_id: &str, nack: Option<&str>) -> Value {
+        json!({
+            "nodeId": node_id,
+            "nodeName": "node-a",
+            "types": {"istio.workload.Address": {
+                "sentVersion": "1", "ackedVersion": "1", "pendingNonce": null, "lastNack": nack,
+            }},
+        })
+    }
+
+    fn inputs(waypoint_ready: Result<(), String>, programmed: &str) -> Inputs {
+        let hostname = json!({"hostname": {"namespace": "shop",
+            "hostname": "waypoint.shop.svc.cluster.local"}, "hbonePort": 15008});
+        let ztunnel_dump = json!({
+            "xds": {"connected": true},
+            "certificates": [],
+            "workloads": [{"uid": "Kubernetes//Pod/shop/web", "namespace": "shop", "name": "web",
+                "protocol": "HBONE", "waypoint": null}],
+            "services": [
+                {"namespace": "shop", "name": "web", "waypoint": hostname},
+                {"namespace": "shop", "name": "other", "waypoint": null},
+            ],
+        });
+        Inputs {
+            state: MeshState {
+                ready: true,
+                plan: plan(),
+                ..Default::default()
+            },
+            namespaces: BTreeMap::from([("shop".to_owned(), true)]),
+            istiod: Ok(json!({"version": 3, "proxies": [
+                proxy("ztunnel~0.0.0.0~node-a.istio-system~istio-system.svc.cluster.local", None),
+                proxy("router~0.0.0.0~waypoint.shop~shop.svc.cluster.local", Some("bad route")),
+            ]})),
+            ztunnels: BTreeMap::from([(
+                "node-a".to_owned(),
+                ProxyView {
+                    ready: Ok(()),
+                    dump: Ok(ztunnel_dump),
+                },
+            )]),
+            waypoints: BTreeMap::from([(
+                "shop/waypoint".to_owned(),
+                ProxyView {
+                    ready: waypoint_ready,
+                    dump: Ok(json!({"xds": {"connected": true}})),
+                },
+            )]),
+            gateway_status: Some(Ok(json!({"status": [{
+                "kind": "Gateway", "namespace": "shop", "name": "waypoint",
+                "status": {"conditions": [{"type": "Programmed", "status": programmed,
+                    "reason": "AddressNotAssigned", "message": "no ready waypoint pod"}]},
+            }]}))),
+            now: 0,
+        }
+    }
+
+    #[test]
+    fn waypoints_have_a_section_of_their_own() {
+        let out = render(&inputs(Ok(()), "True"));
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("shop/waypoint"))
+            .unwrap_or_else(|| panic!("no waypoint row in:\n{out}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            [
+                "shop/waypoint",
+                "node-a",
+                "198.18.1.100",
+                "198.18.99.10",
+                "yes",
+                "connected",
+                "NACK",
+                "of",
+                "Address:",
+                "bad",
+                "route",
+                "yes",
+                "shop/web",
+            ],
+            "{out}"
+        );
+        // The waypoint's NACK is its own, not its node's ztunnel's.
+        let ztunnel = out.lines().find(|l| l.starts_with("node-a ")).unwrap();
+        assert!(ztunnel.contains("in sync"), "{out}");
+        assert!(
+            out.contains("waypoint shop/waypoint rejected config"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_waypoint_not_ready_or_programmed_is_a_problem() {
+        let out = render(&inputs(
+            Err("HTTP 503: waiting for its certificate".into()),
+            "False",
+        ));
+        assert!(
+            out.contains(
+                "waypoint shop/waypoint is not ready: HTTP 503: waiting for its certificate."
+            ),
+            "{out}"
+        );
+        assert!(out.contains("logs/waypoint-shop.waypoint.log"), "{out}");
+        assert!(
+            out.contains("Gateway shop/waypoint is not Programmed (AddressNotAssigned: no ready waypoint pod)."),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn no_waypoints_no_section() {
+        let mut inp = inputs(Ok(()), "True");
+        inp.state.plan.waypoints.clear();
+        assert!(!render(&inp).contains("WAYPOINT  "));
+    }
 }
