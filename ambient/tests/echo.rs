@@ -5,9 +5,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use ambient::echo::hooks::FAIL_ONCE_HEADER;
 use ambient::echo::{
-    self, ClientError, EchoReply, MAX_BODY, Mode, Port, Protocol, Reply, Request, RunningServer,
-    ServerConfig,
+    self, ClientError, EchoReply, HttpReply, MAX_BODY, Mode, Port, Protocol, Reply, Request,
+    RunningServer, ServerConfig,
 };
 use bytes::Bytes;
 use http::HeaderValue;
@@ -126,18 +127,28 @@ async fn h2c_is_served_on_the_http_port() {
     assert_eq!(reply.body, "ping");
 }
 
+/// The status and the reply of an HTTP request, whatever the status.
+async fn http_reply(req: &Request) -> HttpReply {
+    match echo::request(req).await.expect("a reply") {
+        Reply::Http(reply) => reply,
+        other => panic!("expected an HTTP reply, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn requested_status_is_returned_with_the_echo() {
     let server = server().await;
     for mode in [Mode::Http1, Mode::H2c] {
         let req = http_request(&server, mode, "/?status=503");
-        let err = echo::request(&req).await.expect_err("503 is a failure");
+        let reply = http_reply(&req).await;
+        assert_eq!(reply.status, 503);
+        assert_eq!(
+            reply.echo().expect("echo JSON with the 503").path,
+            "/?status=503"
+        );
+        let err = reply.error_for_status().expect_err("503 is a failure");
         assert_eq!(err.to_string(), "HTTP 503");
-        let ClientError::Status { body, .. } = err else {
-            panic!("expected an HTTP status error");
-        };
-        let reply: EchoReply = serde_json::from_slice(&body).expect("echo JSON with the 503");
-        assert_eq!(reply.path, "/?status=503");
+        assert!(matches!(err, ClientError::Status { .. }));
     }
 }
 
@@ -147,8 +158,7 @@ async fn oversized_body_is_refused_with_413() {
     for mode in [Mode::Http1, Mode::H2c] {
         let mut req = http_request(&server, mode, "/upload");
         req.data = Some("x".repeat(MAX_BODY + 1));
-        let err = echo::request(&req).await.expect_err("body over the limit");
-        assert_eq!(err.to_string(), "HTTP 413", "{mode:?}");
+        assert_eq!(http_reply(&req).await.status, 413, "{mode:?}");
 
         req.data = Some("x".repeat(MAX_BODY));
         assert_eq!(
@@ -193,21 +203,144 @@ async fn grpc_echo_returns_message_and_metadata() {
         );
         assert_eq!(response.metadata["x-meta"], "v");
         assert_eq!(response.metadata["content-type"], "application/grpc");
+        assert_eq!(response.method, "/echo.Echo/Echo");
     }
 }
 
 #[tokio::test]
-async fn grpc_unknown_method_is_unimplemented() {
+async fn grpc_any_method_is_answered_and_named() {
     let server = server().await;
-    let target = format!("{}/echo.Echo/Nope", addr(&server, Protocol::Grpc));
+    for method in ["/echo.Echo/EchoV2", "/other.v1.Service/Call"] {
+        let target = format!("{}{method}", addr(&server, Protocol::Grpc));
+        let mut req = Request::new(Mode::Grpc, &target).expect("valid target");
+        req.data = Some("hi".to_owned());
+        let Reply::Grpc(response) = echo::request(&req).await.expect("call succeeds") else {
+            panic!("expected a gRPC reply");
+        };
+        assert_eq!(
+            (
+                response.method.as_str(),
+                response.message.as_str(),
+                response.pod.as_str()
+            ),
+            (method, "hi", POD)
+        );
+    }
+}
+
+#[tokio::test]
+async fn grpc_path_that_names_no_method_is_unimplemented() {
+    let server = server().await;
+    let target = format!("{}/echo.Echo", addr(&server, Protocol::Grpc));
     let req = Request::new(Mode::Grpc, &target).expect("valid target");
     match echo::request(&req).await {
         Err(ClientError::Grpc { code, message }) => {
             assert_eq!(code, 12);
-            assert!(message.contains("/echo.Echo/Nope"), "{message}");
+            assert!(
+                message.contains("/echo.Echo is not a method path"),
+                "{message}"
+            );
         }
         other => panic!("expected UNIMPLEMENTED, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn delay_postpones_the_answer() {
+    let server = server().await;
+    for mode in [Mode::Http1, Mode::H2c] {
+        let started = Instant::now();
+        let reply = echo_reply(&http_request(&server, mode, "/slow?delay=300")).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{mode:?} answered after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(reply.path, "/slow?delay=300");
+    }
+    // A client that gives up first sees a timeout.
+    let mut req = http_request(&server, Mode::Http1, "/?delay=2000");
+    req.timeout = Duration::from_millis(200);
+    let err = echo::request(&req).await.expect_err("gave up");
+    assert_eq!(err.to_string(), "timed out after 0.2s");
+
+    let reply = http_reply(&http_request(&server, Mode::Http1, "/?delay=60001")).await;
+    assert_eq!(reply.status, 400);
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains("from 0 to 60000"),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_fail_once_key_fails_the_first_request_only() {
+    let server = server().await;
+    for (mode, key) in [(Mode::Http1, "k1"), (Mode::H2c, "k2")] {
+        let mut req = http_request(&server, mode, "/retry");
+        req.headers
+            .insert(FAIL_ONCE_HEADER, HeaderValue::from_static(key));
+        let first = http_reply(&req).await;
+        assert_eq!(first.status, 503, "{mode:?}");
+        assert_eq!(first.echo().expect("echo JSON").pod, POD);
+        assert_eq!(http_reply(&req).await.status, 200, "{mode:?}");
+        assert_eq!(http_reply(&req).await.status, 200, "{mode:?}");
+    }
+    // gRPC calls too: an HTTP 503, as a failing server would give.
+    let mut req =
+        Request::new(Mode::Grpc, &addr(&server, Protocol::Grpc).to_string()).expect("target");
+    req.headers
+        .insert(FAIL_ONCE_HEADER, HeaderValue::from_static("k3"));
+    let err = echo::request(&req).await.expect_err("first call fails");
+    assert_eq!(err.to_string(), "HTTP 503");
+    assert!(matches!(echo::request(&req).await, Ok(Reply::Grpc(_))));
+}
+
+#[tokio::test]
+async fn the_failure_switch_fails_everything_until_turned_off() {
+    let server = server().await;
+    let switch = |query: &str| {
+        let mut req = http_request(&server, Mode::Http1, &format!("/echo/fail{query}"));
+        req.data = Some(String::new());
+        req
+    };
+    let on = http_reply(&switch("?status=503")).await;
+    assert_eq!(on.status, 200);
+    let said: serde_json::Value = serde_json::from_slice(&on.body).expect("JSON");
+    assert_eq!(said["failing"], 503);
+    assert_eq!(said["pod"], POD);
+
+    for mode in [Mode::Http1, Mode::H2c] {
+        let reply = http_reply(&http_request(&server, mode, "/any")).await;
+        assert_eq!(reply.status, 503, "{mode:?}");
+        assert_eq!(reply.echo().expect("echo JSON").path, "/any");
+    }
+    let grpc =
+        Request::new(Mode::Grpc, &addr(&server, Protocol::Grpc).to_string()).expect("valid target");
+    assert_eq!(
+        echo::request(&grpc).await.expect_err("failing").to_string(),
+        "HTTP 503"
+    );
+    // The switch itself still answers; a bad one is refused and changes nothing.
+    let bad = http_reply(&switch("?status=200")).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        http_reply(&http_request(&server, Mode::Http1, "/"))
+            .await
+            .status,
+        503
+    );
+
+    let off = http_reply(&switch("?status=0")).await;
+    assert_eq!(off.status, 200);
+    let said: serde_json::Value = serde_json::from_slice(&off.body).expect("JSON");
+    assert!(said["failing"].is_null(), "{said}");
+    assert_eq!(
+        echo_reply(&http_request(&server, Mode::Http1, "/"))
+            .await
+            .path,
+        "/"
+    );
+    assert!(matches!(echo::request(&grpc).await, Ok(Reply::Grpc(_))));
 }
 
 #[tokio::test]
@@ -405,6 +538,14 @@ fn client_command_line_exit_codes() {
         ExitCode::SUCCESS
     );
     assert_eq!(run(&[url("/?status=500")]), ExitCode::FAILURE);
+    assert_eq!(
+        run(&[url("/?status=204"), "--print-status".to_owned()]),
+        ExitCode::SUCCESS
+    );
+    assert_eq!(
+        run(&[url("/?status=503"), "--print-status".to_owned()]),
+        ExitCode::FAILURE
+    );
     assert_eq!(run(&[url("/"), "--bogus".to_owned()]), ExitCode::from(2));
     assert_eq!(run(&["--tcp".to_owned()]), ExitCode::from(2), "no target");
 }

@@ -28,7 +28,7 @@ const MAX_REPLY: usize = 16 * 1024 * 1024;
 
 const CLIENT_USAGE: &str = "\
 usage: ambient echo-client URL [--h2c | --grpc | --tcp] [-H 'Name: value']... [--data STR]
-                           [--count N] [--timeout SECS]
+                           [--count N] [--timeout SECS] [--print-status]
 
   URL               http://host:port/path for HTTP; host:port for --tcp and --grpc
                     (--grpc also takes host:port/package.Service/Method)
@@ -39,6 +39,10 @@ usage: ambient echo-client URL [--h2c | --grpc | --tcp] [-H 'Name: value']... [-
   --data STR        request body (makes an HTTP request a POST)
   --count N         make N requests, each on a new connection (default 1)
   --timeout SECS    give up on a request after SECS seconds (default 5)
+  --print-status    print each reply's status instead of its body: the HTTP status code,
+                    or the gRPC status code (0 is OK); 000 when no reply came
+
+Exits 1 if any request failed: no reply, an HTTP status other than 2xx, a gRPC error.
 ";
 
 /// How to talk to the server.
@@ -126,6 +130,8 @@ struct Target {
 struct ClientArgs {
     request: Request,
     count: u32,
+    /// Print statuses, not bodies.
+    print_status: bool,
 }
 
 impl Request {
@@ -146,6 +152,18 @@ impl HttpReply {
     /// The body as the echo server's JSON.
     pub fn echo(&self) -> Result<EchoReply, serde_json::Error> {
         serde_json::from_slice(&self.body)
+    }
+
+    /// The reply if its status is 2xx, else [`ClientError::Status`] with its body.
+    pub fn error_for_status(self) -> Result<Self, ClientError> {
+        if self.status.is_success() {
+            Ok(self)
+        } else {
+            Err(ClientError::Status {
+                status: self.status,
+                body: self.body,
+            })
+        }
     }
 }
 
@@ -221,6 +239,7 @@ impl ClientArgs {
         let mut data = None;
         let mut count = 1;
         let mut timeout = DEFAULT_TIMEOUT;
+        let mut print_status = false;
         let mut args = Args::new(args);
         while let Some(arg) = args.next_arg()? {
             let flag = match arg {
@@ -242,6 +261,7 @@ impl ClientArgs {
                     headers.append(name, value);
                 }
                 "--data" => data = Some(args.value(flag)?.to_owned()),
+                "--print-status" => print_status = true,
                 "--count" => {
                     count = args.parse(flag)?;
                     if count == 0 {
@@ -271,17 +291,27 @@ impl ClientArgs {
                 ));
             }
         };
+        if print_status && mode == Mode::Tcp {
+            return Err(UsageError::Invalid(
+                "--print-status needs a protocol with statuses, not --tcp".to_owned(),
+            ));
+        }
         let target = target.ok_or_else(|| UsageError::Invalid("a URL is required".to_owned()))?;
         let mut request =
             Request::new(mode, target).map_err(|e| UsageError::Invalid(e.to_string()))?;
         request.headers = headers;
         request.data = data;
         request.timeout = timeout;
-        Ok(ClientArgs { request, count })
+        Ok(ClientArgs {
+            request,
+            count,
+            print_status,
+        })
     }
 }
 
-/// Makes one request on a new connection.
+/// Makes one request on a new connection. An HTTP reply is a reply whatever its status
+/// ([`HttpReply::error_for_status`] tells failures apart); a gRPC call that fails is an error.
 pub async fn request(req: &Request) -> Result<Reply, ClientError> {
     let exchange = async {
         let stream = connect(&req.target).await?;
@@ -326,13 +356,24 @@ pub fn client_main(args: &[String]) -> ExitCode {
 async fn run(cli: ClientArgs) -> ExitCode {
     let (mut ok, mut failed) = (0u32, 0u32);
     for _ in 0..cli.count {
-        match request(&cli.request).await {
+        let result = request(&cli.request).await.and_then(|reply| match reply {
+            Reply::Http(http) => http.error_for_status().map(Reply::Http),
+            other => Ok(other),
+        });
+        if cli.print_status {
+            println!("{}", status_line(&result));
+        }
+        match result {
             Ok(reply) => {
-                print_reply(&reply);
+                if !cli.print_status {
+                    print_reply(&reply);
+                }
                 ok += 1;
             }
             Err(e) => {
-                if let ClientError::Status { body, .. } = &e {
+                if let ClientError::Status { body, .. } = &e
+                    && !cli.print_status
+                {
                     print_bytes(body);
                 }
                 eprintln!("echo-client: {e}");
@@ -347,6 +388,18 @@ async fn run(cli: ClientArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// What `--print-status` prints for one request.
+fn status_line(result: &Result<Reply, ClientError>) -> String {
+    match result {
+        Ok(Reply::Http(http)) => http.status.as_u16().to_string(),
+        Ok(Reply::Grpc(_)) => grpc::code::OK.to_string(),
+        Ok(Reply::Tcp(_)) => "ok".to_owned(),
+        Err(ClientError::Status { status, .. }) => status.as_u16().to_string(),
+        Err(ClientError::Grpc { code, .. }) => code.to_string(),
+        Err(_) => "000".to_owned(),
     }
 }
 
@@ -441,9 +494,6 @@ async fn http(stream: TcpStream, req: &Request, h2: bool) -> Result<Reply, Clien
     let version = response.version();
     let (parts, body) = response.into_parts();
     let body = collect(body, &socket).await?.to_bytes();
-    if !status.is_success() {
-        return Err(ClientError::Status { status, body });
-    }
     Ok(Reply::Http(HttpReply {
         status,
         version,
@@ -716,6 +766,7 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let cli = ClientArgs::parse(&args).expect("valid command line");
+        assert!(!cli.print_status);
         assert_eq!(cli.count, 3);
         assert_eq!(cli.request.mode, Mode::Grpc);
         assert_eq!(cli.request.headers["x-a"], "1");
@@ -736,6 +787,7 @@ mod tests {
             ),
             (&["http://a/", "http://b/"], "unexpected argument"),
             (&["http://a/", "--insecure"], "unknown flag --insecure"),
+            (&["a:1", "--tcp", "--print-status"], "not --tcp"),
         ];
         for (args, want) in cases {
             let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -747,6 +799,40 @@ mod tests {
         assert_eq!(
             client_main(&["--bogus".to_owned()]),
             ExitCode::from(USAGE_EXIT_CODE)
+        );
+    }
+
+    #[test]
+    fn statuses_print_as_numbers() {
+        let http = |code: u16| HttpReply {
+            status: StatusCode::from_u16(code).expect("valid code"),
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        let cases = [
+            (Ok(Reply::Http(http(204))), "204"),
+            (http(503).error_for_status().map(Reply::Http), "503"),
+            (Ok(Reply::Grpc(EchoResponse::default())), "0"),
+            (
+                Err(ClientError::Grpc {
+                    code: 14,
+                    message: String::new(),
+                }),
+                "14",
+            ),
+            (Err(ClientError::Refused), "000"),
+        ];
+        for (result, want) in cases {
+            assert_eq!(status_line(&result), want, "{result:?}");
+        }
+        assert!(http(200).error_for_status().is_ok());
+        assert_eq!(
+            http(404)
+                .error_for_status()
+                .expect_err("not 2xx")
+                .to_string(),
+            "HTTP 404"
         );
     }
 

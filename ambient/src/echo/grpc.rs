@@ -1,4 +1,6 @@
-//! gRPC echo: the unary method `/echo.Echo/Echo` over h2c, framed and encoded by hand.
+//! gRPC echo: the unary method `/echo.Echo/Echo` over h2c, framed and encoded by hand. Any
+//! other method of any service (`/package.Service/Method`) is answered as if it were that one,
+//! and the reply says which was called, so tests can see routing by method.
 //!
 //! ```proto
 //! package echo;
@@ -9,6 +11,7 @@
 //!   string pod = 2;
 //!   string namespace = 3;
 //!   map<string, string> metadata = 4;
+//!   string method = 5;  // the path called, e.g. /echo.Echo/Echo
 //! }
 //! ```
 
@@ -37,7 +40,7 @@ pub mod code {
     pub const INTERNAL: u32 = 13;
 }
 
-/// The one method the echo service has.
+/// The echo service's own method, which the client calls unless told otherwise.
 pub const ECHO_METHOD: &str = "/echo.Echo/Echo";
 pub const CONTENT_TYPE_GRPC: &str = "application/grpc";
 
@@ -56,6 +59,8 @@ pub struct EchoResponse {
     pub namespace: String,
     /// The request headers (pseudo-headers are not headers); repeated ones joined with `, `.
     pub metadata: BTreeMap<String, String>,
+    /// The method called, as its path: `/echo.Echo/Echo`.
+    pub method: String,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +117,7 @@ impl EchoResponse {
             proto::put_string(&mut entry, 2, value);
             proto::put_bytes(&mut buf, 4, &entry);
         }
+        proto::put_string(&mut buf, 5, &self.method);
         buf
     }
 
@@ -127,6 +133,7 @@ impl EchoResponse {
                     let (key, value) = decode_map_entry(value)?;
                     response.metadata.insert(key, value);
                 }
+                5 => response.method = proto::string(field, value)?,
                 _ => {}
             }
         }
@@ -194,12 +201,14 @@ pub(super) fn is_grpc<B>(req: &Request<B>) -> bool {
 
 pub(super) async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let method = req.uri().path().to_owned();
-    let result = if method == ECHO_METHOD {
+    let result = if is_method_path(&method) {
         echo(req, conn).await
     } else {
         Err(Status {
             code: code::UNIMPLEMENTED,
-            message: format!("unknown method {method}; this server has {ECHO_METHOD}"),
+            message: format!(
+                "{method} is not a method path; this server answers /package.Service/Method, such as {ECHO_METHOD}"
+            ),
         })
     };
     let grpc_status = result
@@ -246,11 +255,21 @@ async fn echo(req: Request<Incoming>, conn: &Conn) -> Result<Bytes, Status> {
         pod: conn.identity.pod.clone(),
         namespace: conn.identity.namespace.clone(),
         metadata: metadata(&parts.headers),
+        method: parts.uri.path().to_owned(),
     };
     frame(&response.encode()).map_err(|e| Status {
         code: code::RESOURCE_EXHAUSTED,
         message: e.to_string(),
     })
+}
+
+/// `/service/method`, each part non-empty: what a gRPC client sends as the path.
+fn is_method_path(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(service, method)| {
+            !service.is_empty() && !method.is_empty() && !method.contains('/')
+        })
 }
 
 fn metadata(headers: &HeaderMap) -> BTreeMap<String, String> {
@@ -353,6 +372,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
+            method: "/echo.Echo/Echo".to_owned(),
         };
         assert_eq!(EchoResponse::decode(&response.encode()), Ok(response));
     }
@@ -408,6 +428,28 @@ mod tests {
         assert_eq!(percent_decode(&encoded), message);
         assert_eq!(percent_decode("50%"), "50%");
         assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn any_method_path_is_answered() {
+        for path in [
+            ECHO_METHOD,
+            "/echo.Echo/EchoV2",
+            "/pkg.v1.Other/Call",
+            "/S/M",
+        ] {
+            assert!(is_method_path(path), "{path}");
+        }
+        for path in [
+            "/",
+            "/echo.Echo",
+            "/echo.Echo/",
+            "//Echo",
+            "echo.Echo/Echo",
+            "/a/b/c",
+        ] {
+            assert!(!is_method_path(path), "{path}");
+        }
     }
 
     #[test]

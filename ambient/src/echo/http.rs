@@ -1,6 +1,7 @@
 //! HTTP echo: every request is answered with a JSON description of itself as the server saw it.
 //!
-//! `?status=NNN` picks the response status (200 to 599), for tests of error handling.
+//! `?status=NNN` picks the response status (200 to 599), for tests of error handling; the
+//! [`hooks`](super::hooks) add delays and failures on request.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use super::hooks::{self, FAIL_SWITCH_PATH, Switch};
 use super::server::{Body, Conn};
 
 /// Largest request body echoed; larger ones are answered with 413.
@@ -51,10 +53,27 @@ pub(super) enum BodyError {
 
 pub(super) async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
     let (parts, body) = req.into_parts();
-    let response = match requested_status(&parts.uri) {
+    if parts.uri.path() == FAIL_SWITCH_PATH {
+        return fail_switch(&parts.method, &parts.uri, conn);
+    }
+    let asked = requested_status(&parts.uri).and_then(|status| {
+        let delay = hooks::requested_delay(&parts.uri)?;
+        Ok((status, delay))
+    });
+    let response = match asked {
         Err(reason) => text(StatusCode::BAD_REQUEST, reason),
-        Ok(status) => match read_body(body, MAX_BODY).await {
+        Ok((status, delay)) => match read_body(body, MAX_BODY).await {
             Ok(body) => {
+                let status = match conn.hooks.failing() {
+                    Some(failing) => failing,
+                    None if conn.hooks.fails_once(&parts.headers) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    None => status,
+                };
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
                 let reply = EchoReply {
                     pod: conn.identity.pod.clone(),
                     namespace: conn.identity.namespace.clone(),
@@ -121,14 +140,41 @@ async fn drain(mut body: Incoming) {
     }
 }
 
+/// The failure switch: see [`hooks`].
+fn fail_switch(method: &http::Method, uri: &Uri, conn: &Conn) -> Response<Body> {
+    let response = match hooks::switch(method, uri) {
+        Err(reason) => text(StatusCode::BAD_REQUEST, reason),
+        Ok(asked) => {
+            match asked {
+                Switch::Fail(status) => conn.hooks.set_failing(Some(status)),
+                Switch::Stop => conn.hooks.set_failing(None),
+                Switch::Show => {}
+            }
+            let reply = serde_json::json!({
+                "pod": conn.identity.pod,
+                "namespace": conn.identity.namespace,
+                "failing": conn.hooks.failing().map(|s| s.as_u16()),
+            });
+            let mut body = reply.to_string().into_bytes();
+            body.push(b'\n');
+            response(StatusCode::OK, "application/json", body.into())
+        }
+    };
+    info!(
+        peer = %conn.remote,
+        dst = %conn.local,
+        method = %method,
+        path = %uri.path(),
+        status = response.status().as_u16(),
+        failing = conn.hooks.failing().map_or(0, |s| s.as_u16()),
+        "failure switch"
+    );
+    response
+}
+
 /// The status asked for with `?status=NNN`, else 200.
 fn requested_status(uri: &Uri) -> Result<StatusCode, &'static str> {
-    let asked = uri
-        .query()
-        .unwrap_or_default()
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("status="));
-    let Some(asked) = asked else {
+    let Some(asked) = hooks::query_value(uri, "status") else {
         return Ok(StatusCode::OK);
     };
     asked
@@ -177,7 +223,7 @@ fn json(status: StatusCode, reply: &EchoReply) -> Response<Body> {
     response(status, "application/json", body.into())
 }
 
-fn text(status: StatusCode, message: &str) -> Response<Body> {
+pub(super) fn text(status: StatusCode, message: &str) -> Response<Body> {
     response(
         status,
         "text/plain; charset=utf-8",

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::flags::{Arg, Args, USAGE_EXIT_CODE, UsageError, bad_value};
+use super::hooks::Hooks;
 use super::idle::IdleTimeout;
 use super::{grpc, http as echo_http, tcp};
 
@@ -41,11 +42,15 @@ usage: ambient echo-server [--http PORT]... [--grpc PORT]... [--tcp PORT]...
                            [--bind IP] [--name POD] [--namespace NS]
 
   --http PORT       HTTP/1.1 and h2c (prior knowledge) on PORT; repeatable
-  --grpc PORT       gRPC (h2c) on PORT, method /echo.Echo/Echo; repeatable
+  --grpc PORT       gRPC (h2c) on PORT: any method answers as /echo.Echo/Echo; repeatable
   --tcp PORT        raw TCP: a greeting line, then every byte back; repeatable
   --bind IP         address to listen on (default 0.0.0.0)
   --name POD        pod name to report (default $POD_NAME, else the hostname)
   --namespace NS    namespace to report (default $POD_NAMESPACE, else default)
+
+HTTP requests may ask for ?status=NNN (200-599) and ?delay=MS (0-60000). The first request
+with a given x-echo-fail-once header value gets 503. POST /echo/fail?status=NNN makes every
+later request fail with NNN (HTTP and gRPC), until POST /echo/fail?status=0.
 ";
 
 /// What a listener serves.
@@ -103,6 +108,7 @@ pub(super) type Body = BoxBody<Bytes, Infallible>;
 #[derive(Clone, Debug)]
 pub(super) struct Conn {
     pub identity: Arc<Identity>,
+    pub hooks: Arc<Hooks>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
 }
@@ -115,6 +121,7 @@ pub(super) struct Identity {
 
 struct Shared {
     identity: Arc<Identity>,
+    hooks: Arc<Hooks>,
     idle_timeout: Duration,
 }
 
@@ -248,6 +255,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             pod: cfg.pod,
             namespace: cfg.namespace,
         }),
+        hooks: Arc::new(Hooks::default()),
         idle_timeout: cfg.idle_timeout,
     });
     let mut server = RunningServer {
@@ -349,6 +357,7 @@ async fn serve_conn(
     };
     let conn = Conn {
         identity: shared.identity.clone(),
+        hooks: shared.hooks.clone(),
         local,
         remote,
     };
@@ -378,10 +387,28 @@ async fn serve_conn(
 }
 
 async fn dispatch(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
-    if grpc::is_grpc(&req) {
-        grpc::handle(req, conn).await
-    } else {
-        echo_http::handle(req, conn).await
+    if !grpc::is_grpc(&req) {
+        return echo_http::handle(req, conn).await;
+    }
+    // A failure asked for by a hook is an HTTP status, as an overloaded server or a proxy in
+    // front would give; gRPC clients read it as UNAVAILABLE (or UNKNOWN).
+    let failure = match conn.hooks.failing() {
+        Some(status) => Some(status),
+        None if conn.hooks.fails_once(req.headers()) => Some(http::StatusCode::SERVICE_UNAVAILABLE),
+        None => None,
+    };
+    match failure {
+        Some(status) => {
+            info!(
+                peer = %conn.remote,
+                dst = %conn.local,
+                method = %req.uri().path(),
+                status = status.as_u16(),
+                "grpc request failed on request"
+            );
+            echo_http::text(status, "failing, as asked")
+        }
+        None => grpc::handle(req, conn).await,
     }
 }
 
