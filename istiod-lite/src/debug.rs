@@ -131,6 +131,7 @@ pub async fn serve(listener: TcpListener, debug: Debug) {
 
 /// The snapshot's resources as readable JSON.
 pub fn config_json(snap: &Snapshot) -> Value {
+    use mesh_proto::waypoint as wp;
     let mut workloads = Vec::new();
     let mut services = Vec::new();
     use prost::Message;
@@ -152,11 +153,45 @@ pub fn config_json(snap: &Snapshot) -> Value {
         .filter_map(|r| sec::Authorization::decode(r.body.as_slice()).ok())
         .map(|p| policy_json(&p))
         .collect();
+    let routes: Vec<Value> = snap
+        .of_type(mesh_proto::ROUTE_TYPE_URL)
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|(name, r)| Some((name, wp::Route::decode(r.body.as_slice()).ok()?)))
+        .map(|(name, r)| {
+            let parents: Vec<String> = r
+                .parents
+                .iter()
+                .map(|p| match p.port {
+                    0 => p.hostname.clone(),
+                    port => format!("{}:{port}", p.hostname),
+                })
+                .collect();
+            json!({"name": name, "parents": parents, "rules": r.rules.len()})
+        })
+        .collect();
+    let waypoint_policies: Vec<Value> = snap
+        .of_type(mesh_proto::WAYPOINT_POLICY_TYPE_URL)
+        .unwrap_or(&empty)
+        .iter()
+        .filter_map(|(name, r)| Some((name, wp::Policy::decode(r.body.as_slice()).ok()?)))
+        .map(|(name, p)| {
+            let action = if p.action == wp::PolicyAction::Deny as i32 {
+                "DENY"
+            } else {
+                "ALLOW"
+            };
+            json!({"name": name, "action": action, "targets": p.targets,
+                "rules": p.rules.len(), "dryRun": p.dry_run})
+        })
+        .collect();
     json!({
         "version": snap.version,
         "workloads": workloads,
         "services": services,
         "policies": policies,
+        "routes": routes,
+        "waypointPolicies": waypoint_policies,
     })
 }
 

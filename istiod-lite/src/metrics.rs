@@ -13,14 +13,17 @@ use prometheus_client::registry::Registry;
 pub enum XdsType {
     address,
     authorization,
+    route,
+    waypoint_policy,
 }
 
 impl XdsType {
     pub fn of(type_url: &str) -> XdsType {
-        if type_url == mesh_proto::AUTHORIZATION_TYPE_URL {
-            XdsType::authorization
-        } else {
-            XdsType::address
+        match type_url {
+            mesh_proto::AUTHORIZATION_TYPE_URL => XdsType::authorization,
+            mesh_proto::ROUTE_TYPE_URL => XdsType::route,
+            mesh_proto::WAYPOINT_POLICY_TYPE_URL => XdsType::waypoint_policy,
+            _ => XdsType::address,
         }
     }
 }

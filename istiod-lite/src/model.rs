@@ -12,6 +12,9 @@ use std::net::IpAddr;
 use serde::Deserialize;
 use serde_json::Value;
 
+mod routes;
+pub use routes::*;
+
 /// The kinds istiod-lite reads. Order matters only for display.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub enum Kind {
@@ -172,6 +175,9 @@ pub struct Metadata {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub owner_references: Vec<OwnerReference>,
+    /// RFC 3339; hand-written YAML usually has none.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -430,68 +436,6 @@ pub struct Listener {
     pub name: String,
     pub port: u16,
     pub protocol: String,
-}
-
-/// An HTTPRoute or a GRPCRoute. Rules are kept whole for the waypoint; the parts status needs
-/// (parents and backends) are typed.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Route {
-    pub metadata: Metadata,
-    #[serde(default)]
-    pub spec: RouteSpec,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RouteSpec {
-    #[serde(default)]
-    pub parent_refs: Vec<ParentRef>,
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-    #[serde(default)]
-    pub rules: Vec<RouteRule>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ParentRef {
-    #[serde(default)]
-    pub group: Option<String>,
-    #[serde(default)]
-    pub kind: Option<String>,
-    pub name: String,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub port: Option<u16>,
-    #[serde(default)]
-    pub section_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RouteRule {
-    #[serde(default)]
-    pub backend_refs: Vec<BackendRef>,
-    /// Everything else in the rule (matches, filters, timeouts …), for the waypoint.
-    #[serde(flatten)]
-    pub rest: BTreeMap<String, Value>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BackendRef {
-    #[serde(default)]
-    pub group: Option<String>,
-    #[serde(default)]
-    pub kind: Option<String>,
-    pub name: String,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    #[serde(default)]
-    pub port: Option<u16>,
-    #[serde(default)]
-    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -974,10 +918,9 @@ impl Object {
                     }
                 }
             }
-            Object::Namespace(_)
-            | Object::ServiceAccount(_)
-            | Object::HTTPRoute(_)
-            | Object::GRPCRoute(_) => {}
+            Object::HTTPRoute(r) => routes::validate(r, false)?,
+            Object::GRPCRoute(r) => routes::validate(r, true)?,
+            Object::Namespace(_) | Object::ServiceAccount(_) => {}
         }
         Ok(())
     }

@@ -22,7 +22,9 @@ use crate::model::{
 use crate::store::State;
 
 mod policy;
+pub mod routes;
 pub mod status;
+mod waypoint_policy;
 mod workloads;
 
 pub use status::{Condition, ObjectStatus};
@@ -49,6 +51,10 @@ impl Default for MeshOptions {
     }
 }
 
+/// Label on the objects the mesh controller makes for a waypoint Gateway.
+pub const MANAGED_LABEL: &str = "gateway.istio.io/managed";
+pub const MANAGED_BY_MESH: &str = "istio.io-mesh-controller";
+
 /// Port of a waypoint's HBONE listener.
 pub const WAYPOINT_HBONE_PORT: u32 = 15008;
 
@@ -59,6 +65,10 @@ pub struct Output {
     pub addresses: BTreeMap<String, Address>,
     /// `istio.security.Authorization` resources by `ns/name`.
     pub authorizations: BTreeMap<String, Authorization>,
+    /// `ambient.waypoint.Route` resources by `ns/httproute|grpcroute/name`.
+    pub routes: BTreeMap<String, mesh_proto::waypoint::Route>,
+    /// `ambient.waypoint.Policy` resources (targetRef AuthorizationPolicies) by `ns/name`.
+    pub waypoint_policies: BTreeMap<String, mesh_proto::waypoint::Policy>,
     /// Computed status of Gateways, routes and policies.
     pub statuses: Vec<ObjectStatus>,
     /// Things that are valid YAML but do not do what the user probably meant.
@@ -70,7 +80,9 @@ pub fn translate(state: &State, opts: &MeshOptions) -> Output {
     let idx = Index::new(state, opts);
     let mut out = Output::default();
     policy::translate(&idx, &mut out);
+    waypoint_policy::translate(&idx, &mut out);
     workloads::translate(&idx, &mut out);
+    routes::translate(&idx, &mut out);
     status::compute(&idx, &mut out);
     out
 }
@@ -87,18 +99,20 @@ pub fn enrolment(state: &State, opts: &MeshOptions) -> BTreeMap<(String, String)
         .collect()
 }
 
-/// Only the status of Gateways and routes (which may refer across namespaces).
-pub fn gateway_and_route_status(state: &State, opts: &MeshOptions) -> Vec<ObjectStatus> {
+/// Only routes, and the status of Gateways and routes: these may refer across namespaces, so
+/// they are translated from the whole state (there are few of them).
+pub fn gateways_and_routes(state: &State, opts: &MeshOptions) -> Output {
     let has_any = state.of_kind(Kind::Gateway).next().is_some()
         || state.of_kind(Kind::HTTPRoute).next().is_some()
         || state.of_kind(Kind::GRPCRoute).next().is_some();
+    let mut out = Output::default();
     if !has_any {
-        return vec![];
+        return out;
     }
     let idx = Index::new(state, opts);
-    let mut out = Output::default();
+    routes::translate(&idx, &mut out);
     status::compute(&idx, &mut out);
-    out.statuses
+    out
 }
 
 /// The state, indexed for translation.
@@ -192,6 +206,25 @@ impl<'a> Index<'a> {
                     == Some(DATAPLANE_MODE_AMBIENT)
             }
         }
+    }
+
+    pub fn service(&self, ns: &str, name: &str) -> Option<&'a crate::model::Service> {
+        self.services_by_ns
+            .get(ns)?
+            .iter()
+            .find(|s| s.metadata.name == name)
+            .copied()
+    }
+
+    /// The Service of a waypoint: named like a waypoint Gateway in its namespace, or labelled
+    /// as managed by the mesh controller.
+    pub fn is_waypoint_service(&self, svc: &crate::model::Service) -> bool {
+        let m = &svc.metadata;
+        m.labels.get(MANAGED_LABEL).map(String::as_str) == Some(MANAGED_BY_MESH)
+            || self
+                .gateways
+                .get(&(m.namespace.as_str(), m.name.as_str()))
+                .is_some_and(|g| g.spec.gateway_class_name == WAYPOINT_CLASS)
     }
 
     pub fn hostname(&self, ns: &str, name: &str) -> String {

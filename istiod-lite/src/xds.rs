@@ -21,10 +21,14 @@ pub use ads::AdsService;
 pub use builder::SnapshotBuilder;
 pub use registry::{Registry, SubscriberStatus};
 
-/// The type URLs served, in the order a new subscriber is sent them.
-pub const TYPE_URLS: [&str; 2] = [
+/// The type URLs served, in the order a new subscriber is sent them. Each proxy subscribes to
+/// the ones it understands (ztunnel: addresses and authorizations; waypoints: addresses,
+/// routes and waypoint policies) and is sent only those.
+pub const TYPE_URLS: [&str; 4] = [
     mesh_proto::ADDRESS_TYPE_URL,
     mesh_proto::AUTHORIZATION_TYPE_URL,
+    mesh_proto::ROUTE_TYPE_URL,
+    mesh_proto::WAYPOINT_POLICY_TYPE_URL,
 ];
 
 /// A change is pushed once the state has been quiet this long…
@@ -162,6 +166,8 @@ pub async fn run_builder(
             version = next.version,
             addresses = counts[0],
             authorizations = counts[1],
+            routes = counts[2],
+            waypoint_policies = counts[3],
             took_ms = started.elapsed().as_millis() as u64,
             "config translated"
         );
@@ -169,6 +175,8 @@ pub async fn run_builder(
             info!(
                 addresses = counts[0],
                 authorizations = counts[1],
+                routes = counts[2],
+                waypoint_policies = counts[3],
                 "initial config translated"
             );
         }

@@ -5,7 +5,7 @@
 use serde_json::{Value, json};
 
 use super::{Index, Output, WAYPOINT_HBONE_PORT};
-use crate::model::{Kind, ParentRef, Route, WAYPOINT_CLASS};
+use crate::model::{BackendRef, Kind, ParentRef, Route, RouteFilter, WAYPOINT_CLASS};
 
 /// The controller name written into route status.
 pub const CONTROLLER_NAME: &str = "istio.io/gateway-controller";
@@ -55,6 +55,18 @@ pub(super) fn policy_status(
     reason: &str,
     message: String,
 ) -> ObjectStatus {
+    condition_status(object, "ZtunnelAccepted", generation, ok, reason, message)
+}
+
+/// An AuthorizationPolicy's status with one condition of type `type_`.
+pub(super) fn condition_status(
+    object: &str,
+    type_: &'static str,
+    generation: i64,
+    ok: bool,
+    reason: &str,
+    message: String,
+) -> ObjectStatus {
     let (ns, name) = object
         .trim_start_matches("AuthorizationPolicy ")
         .split_once('/')
@@ -63,7 +75,7 @@ pub(super) fn policy_status(
         kind: Kind::AuthorizationPolicy,
         namespace: ns.to_owned(),
         name: name.to_owned(),
-        status: json!({"conditions": [condition("ZtunnelAccepted", ok, reason, message, generation)]}),
+        status: json!({"conditions": [condition(type_, ok, reason, message, generation)]}),
     }
 }
 
@@ -208,9 +220,13 @@ fn route_status(idx: &Index<'_>, kind: Kind, route: &Route) -> Option<ObjectStat
                 }
             }
             ParentKind::Gateway => match idx.gateways.get(&(p_ns, p.name.as_str())) {
-                Some(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => {
-                    condition("Accepted", true, "Accepted", "Route was valid", generation)
-                }
+                Some(g) if g.spec.gateway_class_name == WAYPOINT_CLASS => condition(
+                    "Accepted",
+                    false,
+                    "NotAllowedByListeners",
+                    "routes attached to a waypoint Gateway itself are not supported; attach them to a Service",
+                    generation,
+                ),
                 Some(_) => continue, // Another controller reports on its own Gateways.
                 None => condition(
                     "Accepted",
@@ -275,56 +291,22 @@ fn parent_kind(p: &ParentRef) -> ParentKind {
     }
 }
 
-/// Whether every backend of every rule exists: the first problem found is reported.
+/// Whether every backend of every rule (mirrors included) can be used: the first problem
+/// found is reported.
 fn resolved_refs(idx: &Index<'_>, route: &Route, generation: i64) -> Condition {
-    let ns = route.metadata.namespace.as_str();
+    fn filters(list: &[RouteFilter]) -> impl Iterator<Item = &BackendRef> {
+        list.iter()
+            .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref))
+    }
     for rule in &route.spec.rules {
+        let mut refs: Vec<&BackendRef> = rule.backend_refs.iter().collect();
+        refs.extend(filters(&rule.filters));
         for b in &rule.backend_refs {
-            let group = b.group.as_deref().unwrap_or("");
-            let kind = b.kind.as_deref().unwrap_or("Service");
-            if !(matches!(group, "" | "core") && kind == "Service") {
-                return condition(
-                    "ResolvedRefs",
-                    false,
-                    "InvalidKind",
-                    format!("backend kind {group}/{kind} is not supported; use a Service"),
-                    generation,
-                );
-            }
-            let b_ns = b.namespace.as_deref().unwrap_or(ns);
-            let svc = idx
-                .services_by_ns
-                .get(b_ns)
-                .and_then(|v| v.iter().find(|s| s.metadata.name == b.name));
-            let Some(svc) = svc else {
-                return condition(
-                    "ResolvedRefs",
-                    false,
-                    "BackendNotFound",
-                    format!("backend service {b_ns}/{} not found", b.name),
-                    generation,
-                );
-            };
-            match b.port {
-                None => {
-                    return condition(
-                        "ResolvedRefs",
-                        false,
-                        "InvalidDestination",
-                        format!("backend service {b_ns}/{} needs a port", b.name),
-                        generation,
-                    );
-                }
-                Some(port) if !svc.spec.ports.iter().any(|p| p.port == port) => {
-                    return condition(
-                        "ResolvedRefs",
-                        false,
-                        "BackendNotFound",
-                        format!("backend service {b_ns}/{} has no port {port}", b.name),
-                        generation,
-                    );
-                }
-                Some(_) => {}
+            refs.extend(filters(&b.filters));
+        }
+        for b in refs {
+            if let Some((reason, message)) = super::routes::backend_problem(idx, route, b) {
+                return condition("ResolvedRefs", false, reason, message, generation);
             }
         }
     }

@@ -6,14 +6,14 @@ use super::*;
 use crate::model::Object;
 
 /// Builds a state from YAML documents.
-fn state(yaml: &str) -> State {
+pub(super) fn state(yaml: &str) -> State {
     use serde::Deserialize;
     let objects = serde_yaml::Deserializer::from_str(yaml)
         .map(|d| Object::parse(Value::deserialize(d).unwrap()).unwrap());
     State::from_objects(objects)
 }
 
-fn run(yaml: &str) -> Output {
+pub(super) fn run(yaml: &str) -> Output {
     translate(&state(yaml), &MeshOptions::default())
 }
 

@@ -20,6 +20,8 @@ pub(super) fn translate(idx: &Index<'_>, out: &mut Output) {
         by_key.insert((ns, &svc.metadata.name), svc);
         let hostname = idx.hostname(ns, &svc.metadata.name);
         let waypoint = match idx.waypoint_for(&svc.metadata.labels, ns, "service") {
+            // A waypoint's own Service is never sent through a waypoint (itself, usually).
+            _ if idx.is_waypoint_service(svc) => None,
             Ok(w) => w,
             Err(e) => {
                 out.warnings

@@ -25,6 +25,7 @@ struct Entry {
     inputs: Vec<Arc<Object>>,
     addresses: Vec<Arc<Resource>>,
     authorizations: Vec<Arc<Resource>>,
+    waypoint_policies: Vec<Arc<Resource>>,
     statuses: Vec<ObjectStatus>,
     warnings: Vec<String>,
 }
@@ -86,35 +87,44 @@ impl SnapshotBuilder {
         }
         self.cache = next_cache;
 
-        let mut addresses = BTreeMap::new();
-        let mut authorizations = BTreeMap::new();
+        let mut resources: BTreeMap<&'static str, BTreeMap<String, Arc<Resource>>> =
+            super::TYPE_URLS
+                .iter()
+                .map(|t| (*t, BTreeMap::new()))
+                .collect();
         let mut statuses = Vec::new();
         let mut warnings = Vec::new();
+        let mut add = |type_url: &'static str, list: &[Arc<Resource>]| {
+            let map = resources.entry(type_url).or_default();
+            for r in list {
+                map.insert(r.name.clone(), r.clone());
+            }
+        };
         for e in self.cache.values() {
-            for r in &e.addresses {
-                addresses.insert(r.name.clone(), r.clone());
-            }
-            for r in &e.authorizations {
-                authorizations.insert(r.name.clone(), r.clone());
-            }
+            add(mesh_proto::ADDRESS_TYPE_URL, &e.addresses);
+            add(mesh_proto::AUTHORIZATION_TYPE_URL, &e.authorizations);
+            add(mesh_proto::WAYPOINT_POLICY_TYPE_URL, &e.waypoint_policies);
             statuses.extend(e.statuses.iter().cloned());
             warnings.extend(e.warnings.iter().cloned());
         }
-        statuses.extend(translate::gateway_and_route_status(state, &self.opts));
+        // Routes and Gateway status may refer across namespaces: from the whole state.
+        let shared_out = translate::gateways_and_routes(state, &self.opts);
+        let old_routes = prev.of_type(mesh_proto::ROUTE_TYPE_URL);
+        let routes: Vec<Arc<Resource>> = shared_out
+            .routes
+            .iter()
+            .map(|(n, r)| Resource::encode(n.clone(), r.encode_to_vec(), old_routes))
+            .collect();
+        add(mesh_proto::ROUTE_TYPE_URL, &routes);
+        statuses.extend(shared_out.statuses);
         statuses
             .sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
         warnings.sort();
 
-        let mut deltas = BTreeMap::new();
-        for (type_url, now) in [
-            (mesh_proto::ADDRESS_TYPE_URL, &addresses),
-            (mesh_proto::AUTHORIZATION_TYPE_URL, &authorizations),
-        ] {
-            deltas.insert(type_url, delta(prev.of_type(type_url), now));
-        }
-        let mut resources = BTreeMap::new();
-        resources.insert(mesh_proto::ADDRESS_TYPE_URL, addresses);
-        resources.insert(mesh_proto::AUTHORIZATION_TYPE_URL, authorizations);
+        let deltas = resources
+            .iter()
+            .map(|(type_url, now)| (*type_url, delta(prev.of_type(type_url), now)))
+            .collect();
         Snapshot {
             version: prev.version + 1,
             resources,
@@ -161,10 +171,19 @@ impl SnapshotBuilder {
                 .map(|(n, a)| (n.clone(), a.encode_to_vec()))
                 .collect(),
         );
+        let waypoint_policies = encode(
+            mesh_proto::WAYPOINT_POLICY_TYPE_URL,
+            out.waypoint_policies
+                .iter()
+                .filter(|(_, p)| p.namespace == ns)
+                .map(|(n, p)| (n.clone(), p.encode_to_vec()))
+                .collect(),
+        );
         Entry {
             inputs: objects.iter().map(|(_, o)| Arc::clone(o)).collect(),
             addresses,
             authorizations,
+            waypoint_policies,
             statuses: out
                 .statuses
                 .into_iter()
