@@ -26,12 +26,13 @@ pub enum Kind {
     Gateway,
     HTTPRoute,
     GRPCRoute,
+    ReferenceGrant,
     AuthorizationPolicy,
     PeerAuthentication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::ServiceAccount,
         Kind::Pod,
@@ -40,6 +41,7 @@ impl Kind {
         Kind::Gateway,
         Kind::HTTPRoute,
         Kind::GRPCRoute,
+        Kind::ReferenceGrant,
         Kind::AuthorizationPolicy,
         Kind::PeerAuthentication,
     ];
@@ -49,7 +51,9 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::ServiceAccount | Kind::Pod | Kind::Service => "",
             Kind::EndpointSlice => "discovery.k8s.io",
-            Kind::Gateway | Kind::HTTPRoute | Kind::GRPCRoute => "gateway.networking.k8s.io",
+            Kind::Gateway | Kind::HTTPRoute | Kind::GRPCRoute | Kind::ReferenceGrant => {
+                "gateway.networking.k8s.io"
+            }
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => "security.istio.io",
         }
     }
@@ -61,6 +65,7 @@ impl Kind {
             Kind::EndpointSlice => &["v1"],
             Kind::Gateway | Kind::HTTPRoute => &["v1", "v1beta1"],
             Kind::GRPCRoute => &["v1", "v1alpha2"],
+            Kind::ReferenceGrant => &["v1beta1", "v1"],
             Kind::AuthorizationPolicy | Kind::PeerAuthentication => &["v1", "v1beta1"],
         }
     }
@@ -76,6 +81,7 @@ impl Kind {
             Kind::Gateway => "gateways",
             Kind::HTTPRoute => "httproutes",
             Kind::GRPCRoute => "grpcroutes",
+            Kind::ReferenceGrant => "referencegrants",
             Kind::AuthorizationPolicy => "authorizationpolicies",
             Kind::PeerAuthentication => "peerauthentications",
         }
@@ -198,6 +204,7 @@ pub enum Object {
     Gateway(Gateway),
     HTTPRoute(Route),
     GRPCRoute(Route),
+    ReferenceGrant(ReferenceGrant),
     AuthorizationPolicy(AuthorizationPolicy),
     PeerAuthentication(PeerAuthentication),
 }
@@ -717,6 +724,7 @@ impl Object {
             Kind::GRPCRoute => Object::GRPCRoute(typed(value, &err)?),
             Kind::AuthorizationPolicy => Object::AuthorizationPolicy(typed(value, &err)?),
             Kind::PeerAuthentication => Object::PeerAuthentication(typed(value, &err)?),
+            Kind::ReferenceGrant => Object::ReferenceGrant(typed(value, &err)?),
         };
         // Namespaced objects written without a namespace live in "default", as kubectl does.
         if kind.is_namespaced() && obj.metadata().namespace.is_empty() {
@@ -745,6 +753,7 @@ impl Object {
             Object::GRPCRoute(_) => Kind::GRPCRoute,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -759,6 +768,7 @@ impl Object {
             Object::HTTPRoute(o) | Object::GRPCRoute(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::PeerAuthentication(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -773,6 +783,7 @@ impl Object {
             Object::HTTPRoute(o) | Object::GRPCRoute(o) => &mut o.metadata,
             Object::AuthorizationPolicy(o) => &mut o.metadata,
             Object::PeerAuthentication(o) => &mut o.metadata,
+            Object::ReferenceGrant(o) => &mut o.metadata,
         }
     }
 
@@ -920,7 +931,7 @@ impl Object {
             }
             Object::HTTPRoute(r) => routes::validate(r, false)?,
             Object::GRPCRoute(r) => routes::validate(r, true)?,
-            Object::Namespace(_) | Object::ServiceAccount(_) => {}
+            Object::Namespace(_) | Object::ServiceAccount(_) | Object::ReferenceGrant(_) => {}
         }
         Ok(())
     }

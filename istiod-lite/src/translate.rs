@@ -128,6 +128,7 @@ pub(crate) struct Index<'a> {
     pub routes: Vec<(Kind, &'a crate::model::Route)>,
     pub policies: Vec<&'a crate::model::AuthorizationPolicy>,
     pub peer_authns: Vec<&'a crate::model::PeerAuthentication>,
+    pub grants: Vec<&'a crate::model::ReferenceGrant>,
 }
 
 impl<'a> Index<'a> {
@@ -144,6 +145,7 @@ impl<'a> Index<'a> {
             routes: Vec::new(),
             policies: Vec::new(),
             peer_authns: Vec::new(),
+            grants: Vec::new(),
         };
         for o in state.objects.values() {
             let o: &'a Arc<Object> = o;
@@ -174,6 +176,7 @@ impl<'a> Index<'a> {
                 Object::GRPCRoute(r) => idx.routes.push((Kind::GRPCRoute, r)),
                 Object::AuthorizationPolicy(p) => idx.policies.push(p),
                 Object::PeerAuthentication(p) => idx.peer_authns.push(p),
+                Object::ReferenceGrant(g) => idx.grants.push(g),
                 Object::ServiceAccount(_) => {}
             }
         }

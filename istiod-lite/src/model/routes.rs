@@ -250,6 +250,51 @@ pub struct BackendRef {
     pub filters: Vec<RouteFilter>,
 }
 
+/// Lets routes in other namespaces refer to objects in this one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReferenceGrant {
+    pub metadata: Metadata,
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<GrantFrom>,
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantTo {
+    pub group: String,
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether this grant lets a `from_kind` route in `from_ns` use the Service `name` (of the
+    /// grant's namespace).
+    pub fn allows_service(&self, from_kind: &str, from_ns: &str, name: &str) -> bool {
+        self.spec.from.iter().any(|f| {
+            f.group == "gateway.networking.k8s.io" && f.kind == from_kind && f.namespace == from_ns
+        }) && self.spec.to.iter().any(|t| {
+            matches!(t.group.as_str(), "" | "core")
+                && t.kind == "Service"
+                && t.name.as_deref().is_none_or(|n| n == name)
+        })
+    }
+}
+
 /// Gateway API duration (`1h`, `10s`, `500ms`, `1m30s`: up to four number-unit pairs) in
 /// milliseconds.
 pub fn parse_duration_ms(s: &str) -> Option<u64> {

@@ -79,7 +79,7 @@ fn translate_route(idx: &Index<'_>, kind: Kind, route: &Route) -> Option<pb::Rou
             .spec
             .rules
             .iter()
-            .map(|r| rule(idx, route, r, grpc))
+            .map(|r| rule(idx, (kind, route), r, grpc))
             .collect(),
         created: route
             .metadata
@@ -90,7 +90,7 @@ fn translate_route(idx: &Index<'_>, kind: Kind, route: &Route) -> Option<pb::Rou
     })
 }
 
-fn rule(idx: &Index<'_>, route: &Route, r: &RouteRule, grpc: bool) -> pb::RouteRule {
+fn rule(idx: &Index<'_>, route: (Kind, &Route), r: &RouteRule, grpc: bool) -> pb::RouteRule {
     let ms = |v: &Option<String>| {
         v.as_deref()
             .and_then(parse_duration_ms)
@@ -203,7 +203,7 @@ fn escape(s: &str) -> String {
     out
 }
 
-fn filters(idx: &Index<'_>, route: &Route, list: &[RouteFilter]) -> Vec<pb::Filter> {
+fn filters(idx: &Index<'_>, route: (Kind, &Route), list: &[RouteFilter]) -> Vec<pb::Filter> {
     list.iter().filter_map(|f| filter(idx, route, f)).collect()
 }
 
@@ -233,7 +233,7 @@ fn path_modifier(p: &PathModifierSpec) -> Option<pb::PathModifier> {
     Some(pb::PathModifier { kind: Some(kind) })
 }
 
-fn filter(idx: &Index<'_>, route: &Route, f: &RouteFilter) -> Option<pb::Filter> {
+fn filter(idx: &Index<'_>, route: (Kind, &Route), f: &RouteFilter) -> Option<pb::Filter> {
     use pb::filter::Kind;
     let kind = match f.type_.as_str() {
         "RequestHeaderModifier" => {
@@ -282,14 +282,14 @@ fn filter(idx: &Index<'_>, route: &Route, f: &RouteFilter) -> Option<pb::Filter>
     Some(pb::Filter { kind: Some(kind) })
 }
 
-fn backend(idx: &Index<'_>, route: &Route, b: &BackendRef) -> pb::Backend {
+fn backend(idx: &Index<'_>, (kind, route): (Kind, &Route), b: &BackendRef) -> pb::Backend {
     let b_ns = b.namespace.as_deref().unwrap_or(&route.metadata.namespace);
     pb::Backend {
         hostname: idx.hostname(b_ns, &b.name),
         port: b.port.map_or(0, u32::from),
         weight: b.weight.unwrap_or(1),
-        filters: filters(idx, route, &b.filters),
-        invalid: backend_problem(idx, route, b)
+        filters: filters(idx, (kind, route), &b.filters),
+        invalid: backend_problem(idx, kind, route, b)
             .map(|(_, message)| message)
             .unwrap_or_default(),
     }
@@ -297,32 +297,38 @@ fn backend(idx: &Index<'_>, route: &Route, b: &BackendRef) -> pb::Backend {
 
 /// Why a backend cannot be used, as a `ResolvedRefs` reason and message; `None` if it can.
 ///
-/// A backend in another namespace needs a ReferenceGrant, except the route's own parent
+/// A backend in another namespace needs a ReferenceGrant there, except the route's own parent
 /// Service: a consumer route may send its namespace's requests on to the Service they were
 /// for (the mesh conformance tests expect this).
 pub(super) fn backend_problem(
     idx: &Index<'_>,
+    kind: Kind,
     route: &Route,
     b: &BackendRef,
 ) -> Option<(&'static str, String)> {
     let ns = route.metadata.namespace.as_str();
     let group = b.group.as_deref().unwrap_or("");
-    let kind = b.kind.as_deref().unwrap_or("Service");
-    if !(matches!(group, "" | "core") && kind == "Service") {
+    let b_kind = b.kind.as_deref().unwrap_or("Service");
+    if !(matches!(group, "" | "core") && b_kind == "Service") {
         return Some((
             "InvalidKind",
-            format!("backend kind {group}/{kind} is not supported; use a Service"),
+            format!("backend kind {group}/{b_kind} is not supported; use a Service"),
         ));
     }
     let b_ns = b.namespace.as_deref().unwrap_or(ns);
     let is_parent = route.spec.parent_refs.iter().any(|p| {
         is_service_parent(p) && p.name == b.name && p.namespace.as_deref().unwrap_or(ns) == b_ns
     });
-    if b_ns != ns && !is_parent {
+    let granted = || {
+        idx.grants.iter().any(|g| {
+            g.metadata.namespace == b_ns && g.allows_service(&kind.to_string(), ns, &b.name)
+        })
+    };
+    if b_ns != ns && !is_parent && !granted() {
         return Some((
             "RefNotPermitted",
             format!(
-                "backend service {b_ns}/{} is in another namespace; that needs a ReferenceGrant, which istiod-lite does not read",
+                "backend service {b_ns}/{} is in another namespace and no ReferenceGrant there allows {kind}s from {ns}",
                 b.name
             ),
         ));

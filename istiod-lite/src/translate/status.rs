@@ -197,7 +197,7 @@ pub(super) fn compute(idx: &Index<'_>, out: &mut Output) {
 fn route_status(idx: &Index<'_>, kind: Kind, route: &Route) -> Option<ObjectStatus> {
     let ns = route.metadata.namespace.as_str();
     let generation = route.metadata.generation;
-    let resolved = resolved_refs(idx, route, generation);
+    let resolved = resolved_refs(idx, kind, route, generation);
     let mut parents = Vec::new();
     for p in &route.spec.parent_refs {
         let p_ns = p.namespace.as_deref().unwrap_or(ns);
@@ -293,7 +293,7 @@ fn parent_kind(p: &ParentRef) -> ParentKind {
 
 /// Whether every backend of every rule (mirrors included) can be used: the first problem
 /// found is reported.
-fn resolved_refs(idx: &Index<'_>, route: &Route, generation: i64) -> Condition {
+fn resolved_refs(idx: &Index<'_>, kind: Kind, route: &Route, generation: i64) -> Condition {
     fn filters(list: &[RouteFilter]) -> impl Iterator<Item = &BackendRef> {
         list.iter()
             .filter_map(|f| f.request_mirror.as_ref().map(|m| &m.backend_ref))
@@ -305,7 +305,7 @@ fn resolved_refs(idx: &Index<'_>, route: &Route, generation: i64) -> Condition {
             refs.extend(filters(&b.filters));
         }
         for b in refs {
-            if let Some((reason, message)) = super::routes::backend_problem(idx, route, b) {
+            if let Some((reason, message)) = super::routes::backend_problem(idx, kind, route, b) {
                 return condition("ResolvedRefs", false, reason, message, generation);
             }
         }

@@ -249,6 +249,30 @@ spec:
     );
     assert_eq!(reason("elsewhere"), "RefNotPermitted");
 
+    // A ReferenceGrant in the backend's namespace lets HTTPRoutes from `front` use it.
+    let granted = run(&format!(
+        "{BASE}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: elsewhere, namespace: front}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: web, namespace: shop}}]
+  rules: [{{backendRefs: [{{name: web-v2, namespace: shop, port: 8080}}]}}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {{name: front-routes, namespace: shop}}
+spec:
+  from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: front}}]
+  to: [{{group: '', kind: Service, name: web-v2}}]
+"
+    ));
+    assert!(
+        route(&granted, "front/httproute/elsewhere").rules[0].backends[0]
+            .invalid
+            .is_empty()
+    );
+
     // A consumer route may send its clients on to the parent Service itself.
     assert!(backends("front/httproute/consumer")[0].invalid.is_empty());
     assert_eq!(reason("consumer"), "ResolvedRefs");
