@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use istiod_lite::model::Pod;
-use istiod_lite::translate::{MeshOptions, enrolment, gateway_and_route_status};
+use istiod_lite::translate::{MeshOptions, enrolment, gateways_and_routes};
 use serde::Deserialize;
 
 use super::*;
@@ -182,7 +182,7 @@ fn the_objects_are_what_istios_controller_makes() {
 fn istiod_lite_programs_the_gateway_once_its_pod_is_ready_and_never_captures_it() {
     let programmed = |ready: bool| {
         let st = with_generated(MESH, ready);
-        let statuses = gateway_and_route_status(&st, &MeshOptions::default());
+        let statuses = gateways_and_routes(&st, &MeshOptions::default()).statuses;
         let gw = statuses
             .iter()
             .find(|s| s.kind == Kind::Gateway && s.name == "waypoint")
