@@ -5,6 +5,7 @@
 # everything apart.
 #
 #   scripts/run-local.sh                      # the example
+#   scripts/run-local.sh examples/waypoint-mesh   # services behind a waypoint (L7 routes, policies)
 #   scripts/run-local.sh path/to/yaml-dir     # your own mesh
 #   scripts/run-local.sh --detach             # in the background; `target/release/ambient down`
 #
@@ -28,6 +29,6 @@ for a in "$@"; do
   esac
 done
 
-echo "building ambient, istiod-lite and ztunnel (release)..." >&2
-cargo build --release --locked -q -p ambient -p istiod-lite -p ztunnel
+echo "building ambient, istiod-lite, ztunnel and waypoint (release)..." >&2
+cargo build --release --locked -q -p ambient -p istiod-lite -p ztunnel -p waypoint
 exec target/release/ambient up "$dir" "${args[@]}"
