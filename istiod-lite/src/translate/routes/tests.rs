@@ -370,10 +370,10 @@ fn malformed_routes_are_refused_naming_the_field() {
             "spec.rules[0].backendRefs[0].weight",
         ),
     ];
-    for (rule, field) in cases {
+    let refused = |kind: &str, rule: &str, field: &str| {
         let yaml = format!(
             "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
+kind: {kind}
 metadata: {{name: bad, namespace: shop}}
 spec:
   parentRefs: [{{group: '', kind: Service, name: web}}]
@@ -383,8 +383,11 @@ spec:
         );
         let v: Value = serde_yaml::from_str(&yaml).unwrap();
         let err = Object::parse(v).expect_err(rule);
-        assert_eq!(err.field, field, "{rule}: {}", err.message);
-        assert_eq!(err.object, "HTTPRoute shop/bad");
+        assert_eq!(err.field, field, "{kind} {rule}: {}", err.message);
+        assert_eq!(err.object, format!("{kind} shop/bad"));
+    };
+    for (rule, field) in cases {
+        refused("HTTPRoute", rule, field);
     }
     // GRPCRoutes have no paths and their method match is a service/method pair.
     for (rule, field) in [
@@ -398,19 +401,7 @@ spec:
             "spec.rules[0].filters[0].type",
         ),
     ] {
-        let yaml = format!(
-            "apiVersion: gateway.networking.k8s.io/v1
-kind: GRPCRoute
-metadata: {{name: bad, namespace: shop}}
-spec:
-  parentRefs: [{{group: '', kind: Service, name: web}}]
-  rules:
-  - {rule}
-"
-        );
-        let v: Value = serde_yaml::from_str(&yaml).unwrap();
-        let err = Object::parse(v).expect_err(rule);
-        assert_eq!(err.field, field, "{rule}: {}", err.message);
+        refused("GRPCRoute", rule, field);
     }
 }
 
