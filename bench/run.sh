@@ -7,6 +7,7 @@
 #   ZTUNNEL_BIN=/path/to/other/ztunnel bench/run.sh hbone   # compare two builds
 #   bench/run.sh xds              # control plane at scale: see bench/xds.sh
 #   bench/run.sh policy           # L4 authorization cost (as root): see bench/policy.sh
+#   bench/run.sh waypoint         # the waypoint hop (as root): see bench/waypoint.sh
 #
 # As root, a client "node" and a server "node" are network namespaces joined by a veth pair
 # (198.18.1.1 and 198.18.1.2); the client's traffic to port 5201 is redirected by nftables into
@@ -18,7 +19,8 @@ cd "$(dirname "$0")/.."
 what=${1:-hbone}
 [[ $what == xds ]] && exec bench/xds.sh
 [[ $what == policy ]] && exec bench/policy.sh
-[[ $what == hbone ]] || { echo "usage: bench/run.sh hbone|xds|policy" >&2; exit 2; }
+[[ $what == waypoint ]] && exec bench/waypoint.sh
+[[ $what == hbone ]] || { echo "usage: bench/run.sh hbone|xds|policy|waypoint" >&2; exit 2; }
 secs=${SECONDS_PER_TEST:-5}
 rate_secs=${RATE_SECONDS:-10}
 
