@@ -8,45 +8,18 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ambient::netns;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ambient");
+mod common;
 
-struct Mesh {
-    tmp: PathBuf,
-    state: PathBuf,
-    config: PathBuf,
-}
+use common::{BIN, Mesh, ONE_MESH, wait_until};
 
+/// What only this file's tests need of a mesh.
 impl Mesh {
-    fn cmd(&self, args: &[&str]) -> Output {
-        let bin_dir = Path::new(BIN).parent().unwrap();
-        Command::new(BIN)
-            .args(args)
-            .env("AMBIENT_STATE_DIR", &self.state)
-            .env("AMBIENT_BIN_DIR", bin_dir)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args);
-        assert!(
-            out.status.success(),
-            "ambient {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
     /// `ambient exec POD -- ambient echo-client ARGS`.
     fn echo(&self, pod: &str, args: &[&str]) -> Output {
         let mut all = vec!["exec", pod, "--", BIN, "echo-client", "--timeout", "5"];
@@ -178,35 +151,6 @@ impl Mesh {
     }
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = self.cmd(&["down"]);
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.state.join("logs").display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// An HTTP/1.1 keep-alive connection made from inside a pod: one request per call.
 struct KeepAlive(TcpStream);
 
@@ -242,45 +186,13 @@ impl KeepAlive {
     }
 }
 
-/// One mesh per machine: tests in this file take turns (nextest also runs them one at a time).
-static ONE_MESH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// `ambient up --detach` on a fresh copy of examples/local-mesh.
 fn start_mesh(tag: &str) -> Mesh {
-    ambient::up::require_root()
-        .expect("this end-to-end test needs root, ip and nft (CI runs it as root)");
     assert!(
         Command::new("tcpdump").arg("--version").output().is_ok(),
         "tcpdump is missing (scripts/setup.sh installs it)"
     );
-    for tool in ["istiod-lite", "ztunnel"] {
-        let p = Path::new(BIN).parent().unwrap().join(tool);
-        assert!(
-            p.exists(),
-            "{} is missing: build the workspace (cargo build --workspace) before this test",
-            p.display()
-        );
-    }
-    let tmp = std::env::temp_dir().join(format!("ambient-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let config = tmp.join("mesh");
-    copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local-mesh"),
-        &config,
-    );
-    let mesh = Mesh {
-        state: tmp.join("state"),
-        config,
-        tmp,
-    };
-    let _ = mesh.cmd(&["down"]);
-    // Up, detached: it returns once everything is ready and says where to look.
-    let out = mesh.cmd(&["up", mesh.config.to_str().unwrap(), "--detach"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ambient up failed:\n{err}");
-    assert!(err.contains("The mesh is up"), "{err}");
-    assert!(err.contains("ambient status"), "{err}");
-    mesh
+    Mesh::start("local-mesh", tag)
 }
 
 #[test]

@@ -59,6 +59,10 @@ impl Mesh {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "ambient up failed:\n{err}");
         assert!(err.contains("The mesh is up"), "{err}");
+        assert!(
+            err.contains("ambient status"),
+            "says where to look next: {err}"
+        );
         mesh
     }
 
