@@ -378,7 +378,7 @@ fn gamma_scenarios_pass_against_the_local_mesh() {
         })
         .collect();
     scenarios.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(scenarios.len() >= 12, "{} scenarios", scenarios.len());
+    assert!(scenarios.len() >= 18, "{} scenarios", scenarios.len());
 
     let mesh = Mesh::start_dir(&root.join("base"), "conformance");
     common::wait_until("the waypoint", Duration::from_secs(30), || {
