@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::{CONTROL_PLANE_IP, Spec, Supervisor, WAYPOINT_ADMIN, binary, step};
+use super::{CONTROL_PLANE_IP, Spec, Supervisor, WAYPOINT_ADMIN, ZTUNNEL_ADMIN, binary, step};
 use crate::netns;
 use crate::testbed::{self, Plan};
 use crate::waypoints::{self, WaypointPlan};
 
 /// How long `up` waits for a waypoint to be ready before going on without it.
 pub(super) const READY_LIMIT: Duration = Duration::from_secs(30);
+
+/// How long `up` waits, at least, for every ztunnel to learn that the ready waypoints are.
+const ZTUNNELS_LIMIT: Duration = Duration::from_secs(10);
 
 /// Asks each waypoint's `/healthz/ready` about once a second on a thread of its own, as a
 /// kubelet's readiness probe would; the supervisor reads the answers.
@@ -123,6 +126,60 @@ impl Supervisor {
             ));
         }
         self.sync_mirror();
+        self.wait_ztunnels_see_waypoints(deadline.max(Instant::now() + ZTUNNELS_LIMIT));
+    }
+
+    /// Waits until every ztunnel holds each ready waypoint's pod as healthy: until then it
+    /// refuses the traffic that must pass that waypoint, so the mesh is not up yet.
+    fn wait_ztunnels_see_waypoints(&self, deadline: Instant) {
+        let uids: Vec<(String, String)> = self
+            .plan
+            .waypoints
+            .iter()
+            .filter(|w| self.waypoint_ready.get(&w.key()) == Some(&true))
+            .filter_map(|w| Some((w.key(), self.plan.waypoint_pod(w)?.uid.clone())))
+            .collect();
+        for node in &self.plan.nodes {
+            let mut last = String::new();
+            loop {
+                let missing: Vec<&str> =
+                    match netns::http_get(&node.netns, ZTUNNEL_ADMIN, "/config_dump") {
+                        Ok((200, body)) => {
+                            let dump: serde_json::Value =
+                                serde_json::from_str(&body).unwrap_or_default();
+                            uids.iter()
+                                .filter(|(_, uid)| !healthy_in(&dump, uid))
+                                .map(|(key, _)| key.as_str())
+                                .collect()
+                        }
+                        Ok((code, _)) => {
+                            last = format!("config_dump answered HTTP {code}");
+                            uids.iter().map(|(key, _)| key.as_str()).collect()
+                        }
+                        Err(e) => {
+                            last = format!("config_dump: {}", e.root_cause());
+                            uids.iter().map(|(key, _)| key.as_str()).collect()
+                        }
+                    };
+                if missing.is_empty() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let detail = if last.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({last})")
+                    };
+                    step(format!(
+                        "the ztunnel on {} does not see waypoint {} as ready yet{detail}; traffic that uses it is refused until it does",
+                        node.name,
+                        missing.join(", ")
+                    ));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
     }
 
     /// Tells istiod-lite (through the pod's `Ready` condition in the copy it reads) when a
@@ -197,6 +254,13 @@ impl Drop for ReadinessProbe {
     }
 }
 
+/// Whether a ztunnel's `/config_dump` lists the workload `uid` as healthy.
+fn healthy_in(dump: &serde_json::Value, uid: &str) -> bool {
+    dump["workloads"]
+        .as_array()
+        .is_some_and(|ws| ws.iter().any(|w| w["uid"] == uid && w["healthy"] == true))
+}
+
 /// Where a waypoint answers `/healthz/ready`: its pod's address, port 15021.
 pub fn waypoint_ready_addr(pod: &testbed::PodPlan) -> String {
     std::net::SocketAddr::new(pod.ip, waypoints::STATUS_PORT).to_string()
@@ -208,5 +272,22 @@ pub fn probe_ready(netns: &str, addr: &str) -> Result<(), String> {
         Ok((200, _)) => Ok(()),
         Ok((code, body)) => Err(format!("HTTP {code}: {}", body.trim())),
         Err(e) => Err(format!("not answering ({})", e.root_cause())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::healthy_in;
+
+    #[test]
+    fn a_waypoint_counts_only_once_listed_healthy() {
+        let uid = "Kubernetes//Pod/shop/waypoint-1";
+        let dump = |healthy: bool| json!({"workloads": [{"uid": uid, "healthy": healthy}]});
+        assert!(healthy_in(&dump(true), uid));
+        assert!(!healthy_in(&dump(false), uid));
+        assert!(!healthy_in(&dump(true), "Kubernetes//Pod/shop/other"));
+        assert!(!healthy_in(&json!({}), uid));
     }
 }
