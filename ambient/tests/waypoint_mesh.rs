@@ -277,5 +277,101 @@ fn waypoint_routes_and_authorizes_real_traffic() {
         "{}",
         admin[0]
     );
+
+    // A waypoint for workloads too: traffic addressed to a shop pod goes through it, a pod
+    // labelled `istio.io/use-waypoint: none` is reached directly, and a client outside the
+    // mesh, whose plaintext cannot pass the waypoint, is refused by the pod's ztunnel.
+    edit(
+        &mesh,
+        "namespaces.yaml",
+        "  name: waypoint\n  namespace: shop\n",
+        "  name: waypoint\n  namespace: shop\n  labels: {istio.io/waypoint-for: all}\n",
+    );
+    edit(
+        &mesh,
+        "workloads.yaml",
+        "labels: {app: web, version: v2}}",
+        "labels: {app: web, version: v2, istio.io/use-waypoint: none}}",
+    );
+    const WEB_V1_POD: &str = "http://198.18.2.20:8080";
+    const WEB_V2_POD: &str = "http://198.18.1.20:8080";
+    let through_waypoint = |path: &str| {
+        mesh.log("waypoint-shop.waypoint")
+            .lines()
+            .any(|l| l.contains(&format!("path={path} ")))
+    };
+    wait_until(
+        "traffic to the web-v1 pod to pass the waypoint",
+        Duration::from_secs(10),
+        || {
+            http(
+                "frontend/client",
+                Mode::Http1,
+                &format!("{WEB_V1_POD}/to-the-pod"),
+                &[],
+            )
+            .is_ok_and(|r| r.status == 200)
+                && through_waypoint("/to-the-pod")
+        },
+    );
+    let r = http(
+        "frontend/client",
+        Mode::Http1,
+        &format!("{WEB_V2_POD}/opted-out"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(r.echo().unwrap().pod, "web-v2");
+    assert!(
+        !through_waypoint("/opted-out"),
+        "web-v2 opted out of the waypoint"
+    );
+
+    edit(
+        &mesh,
+        "namespaces.yaml",
+        "  name: frontend\n  labels:\n    istio.io/dataplane-mode: ambient",
+        "  name: frontend\n  labels:\n    istio.io/dataplane-mode: none",
+    );
+    wait_until(
+        "frontend's client to leave the mesh and be refused by web-v1",
+        Duration::from_secs(10),
+        || {
+            http(
+                "frontend/client",
+                Mode::Http1,
+                &format!("{WEB_V1_POD}/bypass"),
+                &[],
+            )
+            .is_err()
+        },
+    );
+    assert!(
+        mesh.log("ztunnel-node-b").contains(
+            "traffic to shop/web-v1 must pass through waypoint shop/waypoint; \
+             plaintext from 198.18.1.11 is not one of its pods"
+        ),
+        "the refusal is explained in the destination ztunnel's log"
+    );
+    let r = http(
+        "frontend/client",
+        Mode::Http1,
+        &format!("{WEB_V2_POD}/plain"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        r.echo().unwrap().pod,
+        "web-v2",
+        "a pod without a waypoint takes plaintext"
+    );
     drop(mesh);
+}
+
+/// Replaces `from` (which must be there) with `to` in the mesh's copy of `file`.
+fn edit(mesh: &Mesh, file: &str, from: &str, to: &str) {
+    let path = mesh.config.join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{from:?} in {file}");
+    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
 }
