@@ -32,6 +32,9 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::resources::{Config, ConfigStore, Target};
 use crate::routes::{Backend, Decision, Filter, HeaderModifier, Redirect, RequestView, Rule};
 use crate::upstream::{Balancer, Body, BoxError, UpstreamError, Upstreams, Version};
+use mirror::Mirror;
+
+mod mirror;
 
 /// Largest request body held for retries; larger ones are streamed and not retried.
 const MAX_RETRY_BODY: u64 = 1024 * 1024;
@@ -390,6 +393,7 @@ impl Proxy {
         };
         let mut response_headers: Vec<HeaderModifier> = Vec::new();
         let mut rewritten_host = None;
+        let mut mirrors: Vec<Mirror> = Vec::new();
         if let Some(rule) = &rule {
             log.route = Some(format!("{}#{}", rule.route, rule.index));
             for f in &rule.filters {
@@ -415,8 +419,10 @@ impl Proxy {
                         }
                     }
                     Filter::Mirror { backend, percent } => {
-                        if fastrand::u32(0..100) < *percent {
-                            self.mirror(&config, backend, &parts, &host, h2);
+                        if fastrand::u32(0..100) < *percent
+                            && let Some(m) = self.mirror(&config, backend, &parts, &host, h2)
+                        {
+                            mirrors.push(m);
                         }
                     }
                 }
@@ -527,6 +533,22 @@ impl Proxy {
                 None
             }
         };
+        if !mirrors.is_empty() {
+            let copies = match (&buffered, body.take()) {
+                (Some(b), _) => (0..mirrors.len())
+                    .map(|_| Full::new(b.clone()).map_err(|never| match never {}).boxed())
+                    .collect(),
+                (None, Some(b)) => {
+                    let (original, copies) = mirror::tee(b, mirrors.len());
+                    body = Some(original);
+                    copies
+                }
+                (None, None) => Vec::new(),
+            };
+            for (m, copy) in mirrors.into_iter().zip(copies) {
+                m.send(&self.upstreams, copy);
+            }
+        }
         let attempts = 1 + retry.as_ref().map_or(0, |r| r.attempts);
         let per_try = rule.as_ref().and_then(|r| r.backend_timeout);
         let whole = rule.as_ref().and_then(|r| r.request_timeout);
@@ -658,8 +680,8 @@ impl Proxy {
         }
     }
 
-    /// Sends a copy of the request (headers only; its body is not held back for it) to
-    /// `backend`, ignoring the answer.
+    /// A copy of the request for `backend`, addressed and with an endpoint leased; its body
+    /// follows once the original's is known (see [`mirror`]).
     fn mirror(
         &self,
         config: &Config,
@@ -667,47 +689,23 @@ impl Proxy {
         parts: &http::request::Parts,
         host: &str,
         h2: bool,
-    ) {
-        let Ok((h, port)) = &backend.target else {
-            return;
-        };
-        let Some(svc) = config.mesh.service_by_host(h) else {
-            return;
-        };
+    ) -> Option<Mirror> {
+        let (h, port) = backend.target.as_ref().ok()?;
+        let svc = config.mesh.service_by_host(h)?;
         let endpoints = endpoints(config, &Target::Service(Arc::clone(svc)), *port);
-        let Some(lease) = self
+        let lease = self
             .balancer
-            .pick(&endpoints.iter().map(|(_, a)| *a).collect::<Vec<_>>(), None)
-        else {
-            return;
-        };
-        let Some((workload, addr)) = endpoints.into_iter().find(|(_, a)| *a == lease.addr) else {
-            return;
-        };
+            .pick(&endpoints.iter().map(|(_, a)| *a).collect::<Vec<_>>(), None)?;
+        let (workload, _) = endpoints.into_iter().find(|(_, a)| *a == lease.addr)?;
         let version = if h2 { Version::Http2 } else { Version::Http1 };
-        let mut req = upstream_request(
-            parts,
-            Empty::new().map_err(|never| match never {}).boxed(),
-            host,
-            version,
-        );
+        let mut req = upstream_request(parts, (), host, version);
         strip_hop_by_hop(req.headers_mut(), false);
-        req.headers_mut().remove(header::CONTENT_LENGTH);
-        let upstreams = Arc::clone(&self.upstreams);
-        tokio::spawn(async move {
-            let ok = match upstreams.send(&workload, addr, version, req).await {
-                Ok(resp) => {
-                    let ok = resp.status().as_u16() < 500;
-                    let _ = resp.into_body().collect().await;
-                    ok
-                }
-                Err(e) => {
-                    debug!(error = %e, "mirrored request failed");
-                    false
-                }
-            };
-            lease.done(ok);
-        });
+        Some(Mirror {
+            req,
+            workload,
+            lease,
+            version,
+        })
     }
 
     /// A response the waypoint makes itself; gRPC clients get it as a gRPC status.
@@ -939,12 +937,12 @@ fn set_path(uri: &mut Uri, path: &str) {
 }
 
 /// The request sent upstream: `parts` with `body`, addressed for `version`.
-fn upstream_request(
+fn upstream_request<B>(
     parts: &http::request::Parts,
-    body: Body,
+    body: B,
     authority: &str,
     version: Version,
-) -> Request<Body> {
+) -> Request<B> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.headers_mut() = parts.headers.clone();
