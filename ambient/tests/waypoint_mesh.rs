@@ -175,6 +175,31 @@ fn waypoint_routes_and_authorizes_real_traffic() {
     .unwrap();
     assert_eq!(r.status, 503);
 
+    // A mirrored request: web-v1 answers, and web-v2 gets a copy, body and all.
+    let body = "m".repeat(200_000);
+    let mut req = echo::Request::new(Mode::Http1, &format!("{WEB}/mirrored")).unwrap();
+    req.headers.insert("host", WEB_HOST.parse().unwrap());
+    req.data = Some(body.clone());
+    match common::send("shop/client", req) {
+        Ok(Reply::Http(r)) => {
+            let seen = r.echo().unwrap();
+            assert_eq!((r.status.as_u16(), seen.pod.as_str()), (200, "web-v1"));
+            assert_eq!(seen.body.len(), body.len());
+        }
+        other => panic!("POST /mirrored: {other:?}"),
+    }
+    wait_until(
+        "web-v2 to get the mirrored copy",
+        Duration::from_secs(5),
+        || {
+            mesh.log("app-shop.web-v2").lines().any(|l| {
+                l.contains("method=POST")
+                    && l.contains("path=/mirrored")
+                    && l.contains("body_bytes=200000")
+            })
+        },
+    );
+
     // A request timeout gives 504, promptly.
     let started = Instant::now();
     let r = http(

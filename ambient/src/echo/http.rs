@@ -60,10 +60,12 @@ pub(super) async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body
         let delay = hooks::requested_delay(&parts.uri)?;
         Ok((status, delay))
     });
+    let mut body_bytes = 0;
     let response = match asked {
         Err(reason) => text(StatusCode::BAD_REQUEST, reason),
         Ok((status, delay)) => match read_body(body, MAX_BODY).await {
             Ok(body) => {
+                body_bytes = body.len();
                 let status = match conn.hooks.failing() {
                     Some(failing) => failing,
                     None if conn.hooks.fails_once(&parts.headers) => {
@@ -101,12 +103,16 @@ pub(super) async fn handle(req: Request<Incoming>, conn: &Conn) -> Response<Body
             ),
         },
     };
+    // The app's access log: one line per request, what a user would read to see what a pod
+    // was sent.
     info!(
+        target: "access",
         peer = %conn.remote,
         dst = %conn.local,
         protocol = protocol_name(parts.version),
         method = %parts.method,
         path = %parts.uri.path(),
+        body_bytes,
         status = response.status().as_u16(),
         "http request"
     );
