@@ -170,6 +170,36 @@ async fn oversized_body_is_refused_with_413() {
 }
 
 #[tokio::test]
+async fn an_upgrade_switches_the_connection_to_a_byte_echo() {
+    let server = server().await;
+    let mut stream = TcpStream::connect(addr(&server, Protocol::Http))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        assert_ne!(reader.read_line(&mut head).await.unwrap(), 0, "{head:?}");
+    }
+    assert!(head.starts_with("HTTP/1.1 101"), "{head:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head:?}"
+    );
+    let mut stream = reader.into_inner();
+    stream.write_all(b"raw bytes").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"raw bytes");
+}
+
+#[tokio::test]
 async fn garbage_gets_400_and_the_server_keeps_serving() {
     let server = server().await;
     let (_, response) = raw_exchange(

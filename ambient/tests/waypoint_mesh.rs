@@ -200,6 +200,51 @@ fn waypoint_routes_and_authorizes_real_traffic() {
         },
     );
 
+    // A WebSocket upgrade passes the waypoint, and bytes then flow both ways.
+    let (head, echoed) = common::upgrade_exchange(
+        "shop/client",
+        "198.18.100.10:80",
+        WEB_HOST,
+        "/ws",
+        b"over the upgraded connection",
+    )
+    .unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    assert_eq!(echoed, b"over the upgraded connection");
+
+    // HTTP/2 without TLS (h2c) is routed like HTTP/1.1, and stays HTTP/2 to the app.
+    let r = http("shop/client", Mode::H2c, &format!("{WEB}/h2c"), &host).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-served-through"], "waypoint");
+    assert_eq!(r.echo().unwrap().protocol, "HTTP/2");
+
+    // Opaque TCP (a Service port named `tcp`) passes the waypoint as bytes.
+    let mut req = echo::Request::new(Mode::Tcp, "198.18.100.16:6379").unwrap();
+    req.data = Some("PING store".into());
+    match common::send("shop/client", req) {
+        Ok(Reply::Tcp(t)) => {
+            let t = String::from_utf8_lossy(&t);
+            assert!(
+                t.starts_with("echo shop/store ") && t.ends_with("\nPING store"),
+                "{t:?}"
+            );
+        }
+        other => panic!("TCP to store: {other:?}"),
+    }
+    wait_until(
+        "the waypoint's log of the TCP connection",
+        Duration::from_secs(5),
+        || {
+            mesh.log("waypoint-shop.waypoint")
+                .lines()
+                .any(|l| l.contains("TCP connection") && l.contains("upstream=store"))
+        },
+    );
+
     // A request timeout gives 504, promptly.
     let started = Instant::now();
     let r = http(

@@ -1,17 +1,20 @@
 //! HTTP echo: every request is answered with a JSON description of itself as the server saw it.
 //!
 //! `?status=NNN` picks the response status (200 to 599), for tests of error handling; the
-//! [`hooks`](super::hooks) add delays and failures on request.
+//! [`hooks`](super::hooks) add delays and failures on request. An `Upgrade` request switches
+//! the connection to a raw byte echo.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use super::hooks::{self, FAIL_SWITCH_PATH, Switch};
@@ -235,6 +238,49 @@ pub(super) fn text(status: StatusCode, message: &str) -> Response<Body> {
         "text/plain; charset=utf-8",
         format!("{message}\n").into(),
     )
+}
+
+/// An HTTP/1.1 request asking to switch protocols (`Upgrade: websocket`, say) is answered 101
+/// with the same `Upgrade`, and the connection then echoes raw bytes until the client closes
+/// its side. There is no WebSocket framing: it shows that a proxy in between let the upgrade
+/// through and copies both ways.
+pub(super) fn upgrade(mut req: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    let protocol = req
+        .headers()
+        .get(UPGRADE)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static("websocket"));
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let (peer, dst, path) = (conn.remote, conn.local, req.uri().path().to_owned());
+    tokio::spawn(async move {
+        let result = match on_upgrade.await {
+            Ok(upgraded) => {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                let copied = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+                copied.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(bytes) => info!(target: "access", %peer, %dst, %path, bytes, "upgraded connection"),
+            Err(error) => {
+                info!(target: "access", %peer, %dst, %path, %error, "upgraded connection failed")
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()).boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response.headers_mut().insert(UPGRADE, protocol);
+    response
+        .headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    response
+}
+
+/// Whether `req` asks to switch protocols (HTTP/1.1 only; HTTP/2 has no `Upgrade`).
+pub(super) fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE)
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {

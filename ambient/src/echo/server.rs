@@ -377,7 +377,7 @@ async fn serve_conn(
                 async move { Ok::<_, Infallible>(dispatch(req, &conn).await) }
             });
             if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
             {
                 debug!(peer = %remote, dst = %local, error = %e, "http connection ended with an error");
@@ -387,6 +387,9 @@ async fn serve_conn(
 }
 
 async fn dispatch(req: Request<Incoming>, conn: &Conn) -> Response<Body> {
+    if echo_http::wants_upgrade(&req) {
+        return echo_http::upgrade(req, conn);
+    }
     if !grpc::is_grpc(&req) {
         return echo_http::handle(req, conn).await;
     }

@@ -196,3 +196,48 @@ pub fn send(pod: &str, req: echo::Request) -> Result<Reply, String> {
     })
     .map_err(|e| e.to_string())?
 }
+
+/// From inside `pod`: an HTTP/1.1 `Upgrade: websocket` request for `path` to `addr` with Host
+/// `host`, then, once the response head is in, `data` over the upgraded connection, half-closed.
+/// Returns the response head and every byte that came back after it.
+pub fn upgrade_exchange(
+    pod: &str,
+    addr: &str,
+    host: &str,
+    path: &str,
+    data: &[u8],
+) -> Result<(String, Vec<u8>), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    );
+    let data = data.to_vec();
+    netns::within(&pod_netns(pod), move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => return Err(format!("closed before the response head: {got:?}")),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(format!("reading the response head: {e}")),
+            }
+        };
+        let head = String::from_utf8_lossy(&got[..end]).into_owned();
+        let mut rest = got[end..].to_vec();
+        s.write_all(&data).map_err(|e| e.to_string())?;
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| e.to_string())?;
+        s.read_to_end(&mut rest)
+            .map_err(|e| format!("reading the echo: {e}"))?;
+        Ok((head, rest))
+    })
+    .map_err(|e| e.to_string())?
+}
