@@ -56,8 +56,10 @@ run() { # variant target host seconds rps
   ip netns exec "amb-p-$1.client" "$bin/meshbench" http-rate --target "$2" --host "$3" \
     --rps "$5" --seconds "$4" --connections "$conns" 2>/dev/null | tail -1
 }
-for v in "plain 198.18.2.10:8080 server" "l4 198.18.100.11:80 server.l4.svc.cluster.local" \
-         "l7 198.18.100.12:80 server.l7.svc.cluster.local"; do
+# variant, target, Host
+variants=("plain 198.18.2.10:8080 server" "l4 198.18.100.11:80 server.l4.svc.cluster.local"
+          "l7 198.18.100.12:80 server.l7.svc.cluster.local")
+for v in "${variants[@]}"; do
   set -- $v
   run "$1" "$2" "$3" 2 200 >/dev/null || { echo "warm-up of $1 failed" >&2; exit 1; }
 done
@@ -67,8 +69,7 @@ za=$(pid_of ztunnel/node-a)
 zb=$(pid_of ztunnel/node-b)
 results=()
 for ((r = 1; r <= rounds; r++)); do
-  for v in "plain 198.18.2.10:8080 server" "l4 198.18.100.11:80 server.l4.svc.cluster.local" \
-           "l7 198.18.100.12:80 server.l7.svc.cluster.local"; do
+  for v in "${variants[@]}"; do
     set -- $v
     t0=$(cpu_ticks "$wp")
     z0=$(( $(cpu_ticks "$za") + $(cpu_ticks "$zb") ))

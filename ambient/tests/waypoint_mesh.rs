@@ -365,6 +365,7 @@ fn waypoint_routes_and_authorizes_real_traffic() {
     );
     const WEB_V1_POD: &str = "http://198.18.2.20:8080";
     const WEB_V2_POD: &str = "http://198.18.1.20:8080";
+    let from_frontend = |url: String| http("frontend/client", Mode::Http1, &url, &[]);
     let through_waypoint = |path: &str| {
         mesh.log("waypoint-shop.waypoint")
             .lines()
@@ -374,23 +375,11 @@ fn waypoint_routes_and_authorizes_real_traffic() {
         "traffic to the web-v1 pod to pass the waypoint",
         Duration::from_secs(10),
         || {
-            http(
-                "frontend/client",
-                Mode::Http1,
-                &format!("{WEB_V1_POD}/to-the-pod"),
-                &[],
-            )
-            .is_ok_and(|r| r.status == 200)
+            from_frontend(format!("{WEB_V1_POD}/to-the-pod")).is_ok_and(|r| r.status == 200)
                 && through_waypoint("/to-the-pod")
         },
     );
-    let r = http(
-        "frontend/client",
-        Mode::Http1,
-        &format!("{WEB_V2_POD}/opted-out"),
-        &[],
-    )
-    .unwrap();
+    let r = from_frontend(format!("{WEB_V2_POD}/opted-out")).unwrap();
     assert_eq!(r.echo().unwrap().pod, "web-v2");
     assert!(
         !through_waypoint("/opted-out"),
@@ -406,15 +395,7 @@ fn waypoint_routes_and_authorizes_real_traffic() {
     wait_until(
         "frontend's client to leave the mesh and be refused by web-v1",
         Duration::from_secs(10),
-        || {
-            http(
-                "frontend/client",
-                Mode::Http1,
-                &format!("{WEB_V1_POD}/bypass"),
-                &[],
-            )
-            .is_err()
-        },
+        || from_frontend(format!("{WEB_V1_POD}/bypass")).is_err(),
     );
     assert!(
         mesh.log("ztunnel-node-b").contains(
@@ -423,13 +404,7 @@ fn waypoint_routes_and_authorizes_real_traffic() {
         ),
         "the refusal is explained in the destination ztunnel's log"
     );
-    let r = http(
-        "frontend/client",
-        Mode::Http1,
-        &format!("{WEB_V2_POD}/plain"),
-        &[],
-    )
-    .unwrap();
+    let r = from_frontend(format!("{WEB_V2_POD}/plain")).unwrap();
     assert_eq!(
         r.echo().unwrap().pod,
         "web-v2",

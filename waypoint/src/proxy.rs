@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,7 +31,7 @@ use crate::config::Config as Flags;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::resources::{Config, ConfigStore, Target};
 use crate::routes::{Backend, Decision, Filter, HeaderModifier, Redirect, RequestView, Rule};
-use crate::upstream::{Balancer, Body, BoxError, UpstreamError, Upstreams, Version};
+use crate::upstream::{self, Balancer, Body, BoxError, UpstreamError, Upstreams, Version};
 use mirror::Mirror;
 
 mod mirror;
@@ -536,7 +536,7 @@ impl Proxy {
         if !mirrors.is_empty() {
             let copies = match (&buffered, body.take()) {
                 (Some(b), _) => (0..mirrors.len())
-                    .map(|_| Full::new(b.clone()).map_err(|never| match never {}).boxed())
+                    .map(|_| upstream::full(b.clone()))
                     .collect(),
                 (None, Some(b)) => {
                     let (original, copies) = mirror::tee(b, mirrors.len());
@@ -562,7 +562,7 @@ impl Proxy {
                     tokio::time::sleep(jittered(r.backoff, attempt)).await;
                 }
                 let attempt_body = match (&buffered, body.take()) {
-                    (Some(b), _) => Full::new(b.clone()).map_err(|never| match never {}).boxed(),
+                    (Some(b), _) => upstream::full(b.clone()),
                     (None, Some(b)) => b,
                     (None, None) => break,
                 };
@@ -733,20 +733,14 @@ impl Proxy {
                     HeaderValue::from_str(message).unwrap_or(HeaderValue::from_static("error")),
                 )
                 .header("x-waypoint-status", status.as_str())
-                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .body(upstream::empty())
         } else {
             Response::builder()
                 .status(status)
                 .header(header::CONTENT_TYPE, "text/plain")
-                .body(
-                    Full::new(Bytes::from(format!("{message}\n")))
-                        .map_err(|never| match never {})
-                        .boxed(),
-                )
+                .body(upstream::full(Bytes::from(format!("{message}\n"))))
         };
-        let resp = resp.unwrap_or_else(|_| {
-            Response::new(Empty::new().map_err(|never| match never {}).boxed())
-        });
+        let resp = resp.unwrap_or_else(|_| Response::new(upstream::empty()));
         let mut log = log;
         if log.grpc {
             // Counted under the status the client would have seen over plain HTTP.

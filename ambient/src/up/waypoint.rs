@@ -140,36 +140,22 @@ impl Supervisor {
             .filter_map(|w| Some((w.key(), self.plan.waypoint_pod(w)?.uid.clone())))
             .collect();
         for node in &self.plan.nodes {
-            let mut last = String::new();
             loop {
-                let missing: Vec<&str> =
-                    match netns::http_get(&node.netns, ZTUNNEL_ADMIN, "/config_dump") {
-                        Ok((200, body)) => {
-                            let dump: serde_json::Value =
-                                serde_json::from_str(&body).unwrap_or_default();
-                            uids.iter()
-                                .filter(|(_, uid)| !healthy_in(&dump, uid))
-                                .map(|(key, _)| key.as_str())
-                                .collect()
-                        }
-                        Ok((code, _)) => {
-                            last = format!("config_dump answered HTTP {code}");
-                            uids.iter().map(|(key, _)| key.as_str()).collect()
-                        }
-                        Err(e) => {
-                            last = format!("config_dump: {}", e.root_cause());
-                            uids.iter().map(|(key, _)| key.as_str()).collect()
-                        }
-                    };
+                let dump = match netns::http_get(&node.netns, ZTUNNEL_ADMIN, "/config_dump") {
+                    Ok((200, body)) => serde_json::from_str(&body).map_err(|e| e.to_string()),
+                    Ok((code, _)) => Err(format!("config_dump answered HTTP {code}")),
+                    Err(e) => Err(format!("config_dump: {}", e.root_cause())),
+                };
+                let missing: Vec<&str> = uids
+                    .iter()
+                    .filter(|(_, uid)| !dump.as_ref().is_ok_and(|d| healthy_in(d, uid)))
+                    .map(|(key, _)| key.as_str())
+                    .collect();
                 if missing.is_empty() {
                     break;
                 }
                 if Instant::now() > deadline {
-                    let detail = if last.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({last})")
-                    };
+                    let detail = dump.err().map(|e| format!(" ({e})")).unwrap_or_default();
                     step(format!(
                         "the ztunnel on {} does not see waypoint {} as ready yet{detail}; traffic that uses it is refused until it does",
                         node.name,

@@ -11,13 +11,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::sync::mpsc;
 use tracing::debug;
 use ztunnel::state::Workload;
 
-use crate::upstream::{Body, BoxError, Lease, Upstreams, Version};
+use crate::upstream::{self, Body, BoxError, Lease, Upstreams, Version};
 
 /// Frames a copy may lag behind its original before it is abandoned.
 const MIRROR_QUEUE_FRAMES: usize = 32;
@@ -63,8 +63,7 @@ impl Mirror {
 pub(super) fn tee(body: Body, n: usize) -> (Body, Vec<Body>) {
     if body.is_end_stream() {
         // Nothing to copy, and nothing may ever poll the original.
-        let empty = || Empty::new().map_err(|never| match never {}).boxed();
-        return (body, (0..n).map(|_| empty()).collect());
+        return (body, (0..n).map(|_| upstream::empty()).collect());
     }
     let mut senders = Vec::with_capacity(n);
     let mut copies = Vec::with_capacity(n);
@@ -186,7 +185,7 @@ impl hyper::body::Body for MirrorBody {
 
 #[cfg(test)]
 mod tests {
-    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use http_body_util::{BodyExt, StreamBody};
 
     use super::*;
 
@@ -229,18 +228,13 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_says_it_is_over_completes_its_copies() {
         // hyper stops polling a body once `is_end_stream` says so: the copy must still end.
-        let (mut original, mut copies) = tee(
-            Full::new(Bytes::from_static(b"all"))
-                .map_err(|never| match never {})
-                .boxed(),
-            1,
-        );
+        let (mut original, mut copies) = tee(upstream::full(Bytes::from_static(b"all")), 1);
         let frame = original.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "all");
         assert!(original.is_end_stream());
         drop(original);
         assert_eq!(copies.remove(0).collect().await.unwrap().to_bytes(), "all");
-        let (_, mut copies) = tee(Empty::new().map_err(|never| match never {}).boxed(), 1);
+        let (_, mut copies) = tee(upstream::empty(), 1);
         assert!(
             copies
                 .remove(0)
