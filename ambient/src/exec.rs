@@ -21,9 +21,18 @@ pub fn exec(args: &[String]) -> anyhow::Result<()> {
     }
     let state = MeshState::load()?;
     let pod = state.plan.find_pod(pod)?;
+    // `ambient` inside the pod is this binary, wherever it was run from (the README's examples
+    // run `ambient echo-client` in pods without `ambient` on PATH).
+    let program = match cmd[0].as_str() {
+        "ambient" => std::env::current_exe()
+            .map(|p| p.into_os_string())
+            .unwrap_or_else(|_| cmd[0].clone().into()),
+        _ => cmd[0].clone().into(),
+    };
     let err = Command::new("ip")
         .args(["netns", "exec", &pod.netns])
-        .args(cmd)
+        .arg(program)
+        .args(&cmd[1..])
         .env("POD_NAME", &pod.name)
         .env("POD_NAMESPACE", &pod.namespace)
         .exec();

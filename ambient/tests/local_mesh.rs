@@ -16,13 +16,22 @@ use ambient::netns;
 
 mod common;
 
-use common::{BIN, Mesh, ONE_MESH, wait_until};
+use common::{Mesh, ONE_MESH, wait_until};
 
 /// What only this file's tests need of a mesh.
 impl Mesh {
-    /// `ambient exec POD -- ambient echo-client ARGS`.
+    /// `ambient exec POD -- ambient echo-client ARGS`, as a user types it (`ambient` on no
+    /// PATH: exec finds itself).
     fn echo(&self, pod: &str, args: &[&str]) -> Output {
-        let mut all = vec!["exec", pod, "--", BIN, "echo-client", "--timeout", "5"];
+        let mut all = vec![
+            "exec",
+            pod,
+            "--",
+            "ambient",
+            "echo-client",
+            "--timeout",
+            "5",
+        ];
         all.extend_from_slice(args);
         self.cmd(&all)
     }
